@@ -1,0 +1,81 @@
+"""`mars-dist train CONFIG [key=value ...]`, `mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`.
+
+The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mars_dist import config as config_mod
+
+
+def _train(args) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    from mars_dist.train import train  # heavy imports only when training
+
+    result = train(cfg)
+    return 0 if result else 1
+
+
+def _show_config(args) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    import yaml
+
+    print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _prepare(args) -> int:
+    from mars_dist.prepare import prepare_dataset, prepare_from_hub
+
+    if args.from_hub:
+        report = prepare_from_hub(args.name, args.out_dir)
+    else:
+        if args.source_dir is None:
+            raise SystemExit("mars-dist prepare: SOURCE_DIR is required unless --from-hub is given")
+        report = prepare_dataset(args.name, args.source_dir, args.out_dir, val_fraction=args.val_fraction,
+                                 seed=args.seed, link=args.link, overwrite=args.overwrite)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mars-dist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune with a YAML config and dotted.key=value overrides")
+    p.add_argument("config", nargs="?", default=None, help="YAML config (omit for the embedded defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.lr=1e-4 constraint.radius=3")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=_show_config)
+    p = sub.add_parser("prepare", help="turn an official dataset release into train/ val/ test/ image folders")
+    p.add_argument("name", help="flowers102, aircraft, dtd or pets")
+    p.add_argument("source_dir", nargs="?", help="directory with the downloaded archives")
+    p.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--from-hub", action="store_true", help="load the Hugging Face hub copy instead (online)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--link", action="store_true", help="link images instead of copying")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    # `mars-dist train x.yaml a=b` : argparse would take the first override as CONFIG when no file is given
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        code = args.func(args)
+    except config_mod.ConfigError as err:
+        print(f"mars-dist: config error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

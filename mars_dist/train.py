@@ -1,0 +1,237 @@
+"""The fine-tuning loop: reads top to bottom. Distributed details live in accelerate and mars_dist.sharding; the
+loop only asks `accelerator.is_main_process` and `accelerator.sync_gradients`."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from tqdm.auto import tqdm
+
+from mars_dist import checkpoint as ckpt
+from mars_dist.config import Config, save, to_dict
+from mars_dist.constraints import select_constraints, summary
+from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
+from mars_dist.hook import ProjectionHook
+from mars_dist.models import build_model, classifier_module_names, export_model, resolve_data_config
+from mars_dist.optim import build_optimizer, build_scheduler
+from mars_dist.sharding import build_backend
+from mars_dist.sharding.accelerate_setup import configure_accelerator
+from mars_dist.tracking import Tracker, layer_metrics
+
+EXIT_PREEMPTED = 99
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the run stops and the last checkpoint stays as it was."""
+
+
+class Preempted(SystemExit):
+    def __init__(self):
+        super().__init__(EXIT_PREEMPTED)
+
+
+class _StopFlag:
+    """Set by SIGUSR1/SIGTERM (SLURM's preemption warning): checkpoint at the next update, then exit 99."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.raised = True
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
+                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+
+
+def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int, drop_last: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       generator=generator, drop_last=drop_last)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator) -> dict:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        logits, y, loss = accelerator.gather_for_metrics((logits, y, loss.reshape(1)))
+        correct += int((logits.argmax(-1) == y).sum())
+        total += int(y.numel())
+        loss_sum += float(loss.sum())
+    return {"accuracy": correct / max(1, total), "loss": loss_sum / max(1, total), "n": total}
+
+
+def _set_train_mode(model, bn_mode: str) -> None:
+    model.train()
+    if bn_mode == "eval":  # frozen running statistics (and no batch-size dependence between world sizes)
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def train(cfg: Config) -> dict:
+    accelerator = make_accelerator(cfg)
+    configure_accelerator(accelerator, grad_clip=cfg.train.grad_clip)
+    set_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save(cfg, out / "config.yaml")
+    stop = _StopFlag()
+
+    # ---- data and model (every rank builds the same, from the seed) ----
+    splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
+                          cfg.data.val_fraction, cfg.data.test_limit, cfg.seed, cfg.data.on_bad_image)
+    num_classes = len(splits.class_names)
+    model = build_model(cfg.model.name, cfg.model.pretrained, num_classes, source=cfg.model.source)
+    constraints = select_constraints(
+        model, classifier_module_names(model), cfg.constraint.method, cfg.constraint.radius,
+        cfg.constraint.head_radius, cfg.constraint.penalty, cfg.constraint.head_penalty,
+        [(g.pattern, g.radius) for g in cfg.constraint.groups], cfg.constraint.norm_layers,
+        cfg.constraint.embeddings, cfg.constraint.bn_eps)
+    data_cfg = resolve_data_config(model, cfg.data.image_size)
+    train_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=True))
+    val_ds = ImageClassificationDataset(splits.val, build_transforms(data_cfg, train=False))
+    test_ds = ImageClassificationDataset(splits.test, build_transforms(data_cfg, train=False))
+    train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers, drop_last=True)
+    val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
+    test_loader = _loader(test_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
+
+    per_epoch = len(train_loader) // (accelerator.num_processes * cfg.train.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"train split has {len(train_ds)} images: fewer than one update of batch_size "
+                         f"{cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} x {accelerator.num_processes} "
+                         f"processes; lower train.batch_size or raise data.train_per_class")
+    total_updates = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    epochs = math.ceil(total_updates / per_epoch)
+
+    optimizer = build_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
+                                cfg.train.momentum)
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, total_updates, cfg.train.warmup_steps,
+                                cfg.train.step_size, cfg.train.step_gamma)
+    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader)
+    accelerator.register_for_checkpointing(scheduler)
+    backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
+    hook = ProjectionHook(backend)
+    identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
+                "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum()}
+
+    # ---- resume ----
+    step, epoch, batch_in_epoch = 0, 0, 0
+    resume_from = ckpt.resolve_resume(cfg.resume, out)
+    if resume_from is not None:
+        saved = ckpt.read_state(resume_from)
+        ckpt.check_identity(saved, identity, resume_from)
+        accelerator.load_state(str(resume_from))
+        step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        accelerator.print(f"resumed from {resume_from} at update {step}")
+
+    tracker = Tracker(out, to_dict(cfg), cfg.tracking.wandb_mode, cfg.tracking.project, cfg.tracking.run_name,
+                      active=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (out / "constraints.json").write_text(json.dumps(
+            {"summary": summary(constraints), "skipped_images": splits.skipped,
+             "layers": [{"name": c.name, "role": c.role, "action": c.action, "norm": c.norm, "radius": c.radius,
+                         "shape": list(c.shape)} for c in constraints]}, indent=1))
+        accelerator.print(f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
+                          f"{num_classes} classes; {summary(constraints)['count']} constrained parameters; "
+                          f"{total_updates} updates")
+
+    def state(ep: int, batch: int) -> dict:
+        return {"step": step, "epoch": ep, "batch_in_epoch": batch, **identity}
+
+    bar = tqdm(total=total_updates, initial=step, disable=not accelerator.is_main_process, desc="fine-tune")
+    last_eval: dict = {}
+    t_last = time.perf_counter()
+    samples = 0
+    done = step >= total_updates
+    while not done and epoch < epochs:
+        train_loader.set_epoch(epoch)
+        loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
+        _set_train_mode(model, cfg.train.bn_mode)
+        for x, y in loader:
+            batch_in_epoch += 1
+            with accelerator.accumulate(model):
+                loss = F.cross_entropy(model(x).float(), y)
+                if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
+                    raise TrainingDiverged(f"loss is {float(loss)} at update {step} (epoch {epoch}); stopped, the "
+                                           f"last checkpoint in {ckpt.checkpoint_root(out)} is intact")
+                accelerator.backward(loss)
+                if cfg.train.grad_clip and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+            samples += x.shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            step += 1
+            bar.update(1)
+            now = time.perf_counter()
+            metrics = {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
+                       "train/images_per_s": samples / max(now - t_last, 1e-9), "train/epoch": epoch,
+                       "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty}
+            t_last, samples = now, 0
+            if step % cfg.train.log_every == 0 or step == total_updates:
+                metrics.update(layer_metrics(hook.stats()))
+            tracker.log(metrics, step)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            if step >= total_updates:
+                done = True
+            flag = torch.tensor([float(stop.raised)])
+            stop_now = float(accelerator.reduce(flag, "sum")) > 0
+            every = cfg.checkpoint.every_steps
+            if stop_now or (every and step % every == 0 and not done):
+                ckpt.save_checkpoint(accelerator, out, step, state(epoch, batch_in_epoch), cfg.checkpoint.keep_last)
+            if stop_now:
+                if accelerator.is_main_process:
+                    (out / "preempted.json").write_text(json.dumps({"step": step}))
+                accelerator.print(f"preempted: checkpoint saved at update {step}; exiting {EXIT_PREEMPTED}")
+                raise Preempted()
+            if done:
+                break
+        else:
+            epoch, batch_in_epoch = epoch + 1, 0
+        if cfg.train.eval_every_epoch or done:
+            last_eval = evaluate(model, val_loader, accelerator)
+            tracker.log({"val/accuracy": last_eval["accuracy"], "val/loss": last_eval["loss"]}, step)
+            accelerator.print(f"update {step}: val accuracy {last_eval['accuracy']:.4f}")
+            _set_train_mode(model, cfg.train.bn_mode)
+    bar.close()
+
+    final_epoch = epoch + 1 if batch_in_epoch == 0 or done else epoch
+    ckpt.save_checkpoint(accelerator, out, step, state(final_epoch, 0), cfg.checkpoint.keep_last)
+    test = evaluate(model, test_loader, accelerator)
+    stats = hook.stats()
+    result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["n"],
+              "val_accuracy": last_eval.get("accuracy"), "updates": step, "chance": 1.0 / num_classes,
+              "bound_C": layer_metrics(stats)["bound/C"]}
+    tracker.log({"test/accuracy": test["accuracy"], "test/loss": test["loss"]}, step)
+    full_state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        export = build_model(cfg.model.name, "none", num_classes, source=cfg.model.source)
+        export.load_state_dict({k: v.float() for k, v in full_state.items()})
+        export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source)
+    tracker.finish(stats, result)
+    accelerator.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / num_classes:.3f})")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
