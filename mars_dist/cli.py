@@ -1,4 +1,5 @@
-"""`mars-dist train CONFIG [key=value ...]`, `mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`.
+"""`mars-dist train CONFIG [key=value ...]`, `mars-dist sweep CONFIG [key=value ...] --trials N`,
+`mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`.
 
 The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
 """
@@ -6,6 +7,7 @@ The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from mars_dist import config as config_mod
@@ -24,6 +26,14 @@ def _show_config(args) -> int:
     import yaml
 
     print(yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _sweep(args) -> int:
+    cfg = config_mod.load(args.config, args.overrides)
+    from mars_dist.sweep import sweep
+
+    print(json.dumps(sweep(cfg, trials=args.trials, launcher=args.launcher), indent=1))
     return 0
 
 
@@ -49,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None, help="YAML config (omit for the embedded defaults)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. train.lr=1e-4 constraint.radius=3")
     p.set_defaults(func=_train)
+    p = sub.add_parser("sweep", help="radius / penalty search (Optuna TPE, persistent study in output_dir)")
+    p.add_argument("config", nargs="?", default=None)
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials THIS worker runs (default: until the study has sweep.trials finished trials)")
+    p.add_argument("--launcher", default="", help='e.g. "accelerate launch --config_file launch/accelerate/cpu.yaml"')
+    p.set_defaults(func=_sweep)
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     p.add_argument("config", nargs="?", default=None)
     p.add_argument("overrides", nargs="*")

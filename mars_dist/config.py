@@ -126,6 +126,24 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Radius / penalty-weight search (Optuna TPE, like the reference's hyperopt TPE)."""
+    trials: int = 20
+    """Trials in the study (the budget, shared by every worker of a SLURM array)."""
+    radius_range: list[float] = field(default_factory=lambda: [1.6487, 33.115])
+    """Log-uniform range of constraint.radius (the reference: e^0.5 .. e^3.5)."""
+    head_radius_range: list[float] = field(default_factory=lambda: [1.6487, 33.115])
+    penalty_range: list[float] = field(default_factory=lambda: [4.54e-05, 0.3679])
+    """Log-uniform range of constraint.penalty and head_penalty (the reference: e^-10 .. e^-1)."""
+    metric: str = "val_accuracy"
+    storage: str | None = None
+    """Optuna storage URL; default sqlite:///<output_dir>/study.db (persistent: an interrupted sweep resumes)."""
+    study_name: str | None = None
+    """Default: derived from the output_dir name."""
+    seed: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,6 +151,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     output_dir: str = "runs/demo"
     resume: str = "none"
@@ -155,7 +174,7 @@ CHOICES = {
 POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "train.batch_size",
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
             "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
-            "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip"}
+            "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
                 "data.num_workers", "data.val_fraction", "train.momentum"}
 
@@ -262,6 +281,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for i, group in enumerate(cfg.constraint.groups):
         if group.radius is not None and not (math.isfinite(group.radius) and group.radius > 0):
             raise ConfigError(f"{source}: 'constraint.groups[{i}].radius' = {group.radius!r} must be > 0 or null")
+    for key in ("radius_range", "head_radius_range", "penalty_range"):
+        lo_hi = getattr(cfg.sweep, key)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
+            raise ConfigError(f"{source}: 'sweep.{key}' = {lo_hi!r} must be [low, high] with 0 < low <= high")
+    if cfg.sweep.metric not in ("val_accuracy", "test_accuracy"):
+        raise ConfigError(f"{source}: 'sweep.metric' = {cfg.sweep.metric!r} is not one of val_accuracy, test_accuracy")
     if cfg.data.name == "imagefolder" and not cfg.data.path:
         raise ConfigError(f"{source}: 'data.path' is required when data.name is 'imagefolder'")
     return cfg
