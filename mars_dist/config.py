@@ -101,6 +101,10 @@ class TrainConfig:
     warmup_steps: int = 0
     step_size: int = 20
     """'step' scheduler: multiply lr by step_gamma every step_size updates."""
+    step_size_epochs: int | None = None
+    """'step' scheduler in epochs instead (the reference halves the lr from epoch 20); overrides step_size."""
+    amsgrad: bool = False
+    """Adam/AdamW: the AMSGrad variant (the reference uses Adam with amsgrad)."""
     step_gamma: float = 0.5
     mixed_precision: str = "no"
     """'no', 'bf16' or 'fp16' (passed to accelerate)."""
@@ -174,7 +178,8 @@ CHOICES = {
 POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "train.batch_size",
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
             "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
-            "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials"}
+            "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials",
+            "train.step_size_epochs"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
                 "data.num_workers", "data.val_fraction", "train.momentum"}
 

@@ -9,7 +9,7 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
+                    momentum: float = 0.9, amsgrad: bool = False) -> torch.optim.Optimizer:
     """AdamW / Adam / SGD over all trainable parameters (one param group: the projection hook sees them all).
 
     A plain torch optimizer on purpose: DeepSpeed wraps it ("zero_allow_untested_optimizer") instead of needing
@@ -17,9 +17,9 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float 
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     raise ValueError(f"train.optimizer: unknown optimizer {name!r} (adamw, adam, sgd)")

@@ -123,9 +123,10 @@ def train(cfg: Config) -> dict:
     epochs = math.ceil(total_updates / per_epoch)
 
     optimizer = build_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
-                                cfg.train.momentum)
+                                cfg.train.momentum, cfg.train.amsgrad)
+    step_size = cfg.train.step_size_epochs * per_epoch if cfg.train.step_size_epochs else cfg.train.step_size
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, total_updates, cfg.train.warmup_steps,
-                                cfg.train.step_size, cfg.train.step_gamma)
+                                step_size, cfg.train.step_gamma)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
     accelerator.register_for_checkpointing(scheduler)
