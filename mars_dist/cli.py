@@ -41,12 +41,14 @@ def _prepare(args) -> int:
     from mars_dist.prepare import prepare_dataset, prepare_from_hub
 
     if args.from_hub:
-        report = prepare_from_hub(args.name, args.out_dir)
+        report = prepare_from_hub(args.name, args.out_dir, val_fraction=args.val_fraction, seed=args.seed,
+                                  overwrite=args.overwrite)
     else:
         if args.source_dir is None:
             raise SystemExit("mars-dist prepare: SOURCE_DIR is required unless --from-hub is given")
         report = prepare_dataset(args.name, args.source_dir, args.out_dir, val_fraction=args.val_fraction,
-                                 seed=args.seed, link=args.link, overwrite=args.overwrite)
+                                 seed=args.seed, link=args.link, overwrite=args.overwrite,
+                                 crop_banner=not args.keep_banner, split_id=args.split_id)
     print(report)
     return 0
 
@@ -79,8 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--link", action="store_true", help="link images instead of copying")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--keep-banner", action="store_true", help="aircraft: keep the bottom 20-pixel banner")
+    p.add_argument("--split-id", type=int, default=1, help="dtd: which of the 10 official splits (1..10)")
     p.set_defaults(func=_prepare)
     return parser
+
+
+def _is_input_error(err: Exception) -> bool:
+    """During training, errors raised by input validation (data, model name, checkpoints) carry their own clear
+    message; anything else keeps its traceback."""
+    return isinstance(err, FileNotFoundError) or type(err).__module__.startswith("mars_dist") or \
+        any(word in str(err) for word in ("unknown model", "not found", "train split"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,5 +105,10 @@ def main(argv: list[str] | None = None) -> None:
         code = args.func(args)
     except config_mod.ConfigError as err:
         print(f"mars-dist: config error: {err}", file=sys.stderr)
+        code = 2
+    except (ValueError, FileNotFoundError) as err:  # bad input: one line naming it, not a traceback
+        if args.command == "train" and not _is_input_error(err):
+            raise
+        print(f"mars-dist {args.command}: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)
