@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mars_dist import checkpoint as ckpt
@@ -23,7 +22,7 @@ from mars_dist.hook import ProjectionHook
 from mars_dist.models import build_model, classifier_module_names, export_model, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
 from mars_dist.sharding import build_backend
-from mars_dist.sharding.accelerate_setup import configure_accelerator
+from mars_dist.sharding.accelerate_setup import make_accelerator
 from mars_dist.tracking import Tracker, layer_metrics
 
 EXIT_PREEMPTED = 99
@@ -48,13 +47,6 @@ class _StopFlag:
 
     def _set(self, *_):
         self.raised = True
-
-
-def make_accelerator(cfg: Config) -> Accelerator:
-    handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(gradient_accumulation_steps=cfg.train.grad_accum, mixed_precision=cfg.train.mixed_precision,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False,
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
 
 
 def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int, drop_last: bool = False):
@@ -87,8 +79,7 @@ def _set_train_mode(model, bn_mode: str) -> None:
 
 
 def train(cfg: Config) -> dict:
-    accelerator = make_accelerator(cfg)
-    configure_accelerator(accelerator, grad_clip=cfg.train.grad_clip)
+    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.mixed_precision, cfg.train.grad_clip)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

@@ -1,9 +1,34 @@
-"""Launcher settings that decide whether the projection is right, fixed before `accelerator.prepare`."""
+"""Creating the Accelerator, with the launcher settings that decide whether the projection is right."""
 
 from __future__ import annotations
 
+import os
 
-def configure_accelerator(accelerator, grad_clip: float | None) -> None:
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
+
+
+def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | None) -> Accelerator:
+    """An Accelerator for this machine and launcher.
+
+    On CPU the process-group backend must be given (gloo), and `cpu=True` too — without it accelerate under
+    torchrun reports DistributedType.NO and every process trains alone with no gradient sync — except under
+    DeepSpeed, which `cpu=True` would switch off.
+    """
+    on_cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu else [],
+        cpu=on_cpu and not deepspeed,
+        step_scheduler_with_optimizer=False,  # the trainer steps the LR schedule once per real update
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    configure_deepspeed(accelerator, grad_clip)
+    return accelerator
+
+
+def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> None:
     """Make DeepSpeed's "auto" values match the single-process semantics of the config.
 
     accelerate fills an "auto" gradient_clipping with 1.0, which would clip under ZeRO but not without it and break
