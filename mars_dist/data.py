@@ -11,6 +11,7 @@ import functools
 import gzip
 import io
 import logging
+import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -303,15 +304,37 @@ def build_transforms(data_config: dict, train: bool):
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A torch Dataset over a HF dataset split: item i is (transform(image), int label)."""
+    """A torch Dataset over a HF dataset split: item i is (transform(image), int label).
 
-    def __init__(self, hf_ds: datasets.Dataset, transform: Callable):
+    With `seed` set, the random augmentation of item i in epoch e is drawn from its own seed (seed, e, i) instead
+    of the global RNG streams. Data loaders fetch ahead of the training step, so with global RNG a checkpoint's
+    saved RNG state would already include the next batch's draws and a resumed run would augment differently;
+    per-item seeds make augmentation independent of when and where (which rank, which worker) an item is loaded.
+    """
+
+    def __init__(self, hf_ds: datasets.Dataset, transform: Callable, seed: int | None = None):
         self.ds = hf_ds
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, i: int):
         row = self.ds[int(i)]
-        return self.transform(row["image"]), int(row["label"])
+        if self.seed is None:
+            return self.transform(row["image"]), int(row["label"])
+        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            random.seed(item_seed)  # timm's RandomResizedCropAndInterpolation draws from `random`
+            try:
+                x = self.transform(row["image"])
+            finally:
+                random.setstate(py_state)
+        return x, int(row["label"])

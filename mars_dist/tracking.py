@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,7 +52,7 @@ class Tracker:
 
             # One W&B run per output_dir: a resumed fine-tune continues the same run instead of starting a new one.
             id_file = self.dir / "wandb_run_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             os.environ.setdefault("WANDB_SILENT", "true")
             self.run = wandb.init(project=project, name=run_name or self.dir.name, dir=str(self.dir), id=run_id,

@@ -98,7 +98,7 @@ def train(cfg: Config) -> dict:
         [(g.pattern, g.radius) for g in cfg.constraint.groups], cfg.constraint.norm_layers,
         cfg.constraint.embeddings, cfg.constraint.bn_eps)
     data_cfg = resolve_data_config(model, cfg.data.image_size)
-    train_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=True))
+    train_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=True), seed=cfg.seed)
     val_ds = ImageClassificationDataset(splits.val, build_transforms(data_cfg, train=False))
     test_ds = ImageClassificationDataset(splits.test, build_transforms(data_cfg, train=False))
     train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers, drop_last=True)
@@ -157,6 +157,7 @@ def train(cfg: Config) -> dict:
     done = step >= total_updates
     while not done and epoch < epochs:
         train_loader.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
         _set_train_mode(model, cfg.train.bn_mode)
         for x, y in loader:
@@ -164,7 +165,7 @@ def train(cfg: Config) -> dict:
             with accelerator.accumulate(model):
                 loss = F.cross_entropy(model(x).float(), y)
                 if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
-                    raise TrainingDiverged(f"loss is {float(loss)} at update {step} (epoch {epoch}); stopped, the "
+                    raise TrainingDiverged(f"loss is {float(loss.detach())} at update {step} (epoch {epoch}); stopped, the "
                                            f"last checkpoint in {ckpt.checkpoint_root(out)} is intact")
                 accelerator.backward(loss)
                 if cfg.train.grad_clip and accelerator.sync_gradients:
@@ -178,14 +179,14 @@ def train(cfg: Config) -> dict:
             step += 1
             bar.update(1)
             now = time.perf_counter()
-            metrics = {"train/loss": float(loss), "train/lr": scheduler.get_last_lr()[0],
+            metrics = {"train/loss": float(loss.detach()), "train/lr": scheduler.get_last_lr()[0],
                        "train/images_per_s": samples / max(now - t_last, 1e-9), "train/epoch": epoch,
                        "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty}
             t_last, samples = now, 0
             if step % cfg.train.log_every == 0 or step == total_updates:
                 metrics.update(layer_metrics(hook.stats()))
             tracker.log(metrics, step)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step >= total_updates:
                 done = True
             flag = torch.tensor([float(stop.raised)])

@@ -17,10 +17,11 @@ def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | N
     DeepSpeed, which `cpu=True` would switch off.
     """
     on_cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a gloo group only makes sense with a launcher
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu else [],
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
         cpu=on_cpu and not deepspeed,
         step_scheduler_with_optimizer=False,  # the trainer steps the LR schedule once per real update
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
