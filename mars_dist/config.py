@@ -123,8 +123,9 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    wandb_mode: str = "offline"
-    """'offline' (default, no network), 'online' or 'disabled'."""
+    wandb_mode: str = "auto"
+    """'auto' (WANDB_MODE if set, else online when logged in to W&B, else offline run files under output_dir),
+    'offline', 'online' or 'disabled'."""
     project: str = "mars_dist"
     run_name: str | None = None
 
@@ -173,7 +174,7 @@ CHOICES = {
     "train.scheduler": ("cosine", "step", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "train.bn_mode": ("train", "eval"),
-    "tracking.wandb_mode": ("offline", "online", "disabled"),
+    "tracking.wandb_mode": ("auto", "offline", "online", "disabled"),
 }
 POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "train.batch_size",
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",

@@ -36,6 +36,17 @@ def layer_metrics(stats: Sequence[LayerStats]) -> dict:
     return out
 
 
+def resolve_wandb_mode(mode: str) -> str:
+    """'auto' -> WANDB_MODE if set, 'online' when an API key is configured (env or ~/.netrc), else 'offline'."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
 class Tracker:
     """W&B run + metrics.jsonl. Inactive (all methods no-ops) on non-main processes."""
 
@@ -47,6 +58,7 @@ class Tracker:
         if not active:
             return
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
+        mode = resolve_wandb_mode(mode)
         if mode != "disabled":
             import wandb
 

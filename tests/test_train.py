@@ -54,7 +54,10 @@ def test_end_to_end_bound_holds_and_is_active(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     series = [r for r in rows if "layers/conv_stem.weight/distance" in r]
     assert len(series) == 4 and all("layers/conv_stem.weight/radius" in r and "bound/C" in r for r in series)
-    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run file"
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert run_files, "no offline W&B run file"
+    data = run_files[0].read_bytes()
+    assert b"layers/conv_stem.weight/radius" in data and b"layers/conv_stem.weight/distance" in data
 
 
 def test_resume_is_exact(tmp_path):
