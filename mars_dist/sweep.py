@@ -68,8 +68,13 @@ def open_study(cfg: config_mod.Config):
     storage = optuna.storages.RDBStorage(
         url, heartbeat_interval=30, grace_period=90,
         failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    return optuna.create_study(study_name=cfg.sweep.study_name or out.name, storage=storage, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=cfg.sweep.seed), load_if_exists=True)
+    study = optuna.create_study(study_name=cfg.sweep.study_name or out.name, storage=storage, direction="maximize",
+                                load_if_exists=True)
+    # Reproducible but not repeating: a resumed sweep (or another array task) must not redraw the suggestions the
+    # study already holds, so the sampler's seed moves with the trials already there and the array task id.
+    task = int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    study.sampler = optuna.samplers.TPESampler(seed=cfg.sweep.seed + 1000 * task + len(study.trials))
+    return study
 
 
 def sweep(cfg: config_mod.Config, trials: int | None = None, launcher: str = "") -> dict:
