@@ -113,7 +113,10 @@ def rebind_running_vars(constraints: Sequence[Constraint], model: nn.Module) -> 
     for c in constraints:
         if c.role == "bn":
             key = c.name.rsplit(".", 1)[0] + ".running_var"
-            for k, buf in buffers.items():
-                if k == key or k.endswith("." + key) or key.endswith("." + k):
-                    c.running_var = buf
-                    break
+            if key in buffers:  # exact name first: "bn2.running_var" must not match "blocks.1.0.bn2.running_var"
+                c.running_var = buffers[key]
+                continue
+            found = [buf for k, buf in buffers.items() if k.endswith("." + key) or key.endswith("." + k)]
+            if len(found) != 1:
+                raise KeyError(f"running_var of {c.name}: {len(found)} buffers of the wrapped model match {key!r}")
+            c.running_var = found[0]
