@@ -22,7 +22,7 @@ from mars_dist.hook import ProjectionHook
 from mars_dist.models import build_model, classifier_module_names, export_model, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
 from mars_dist.sharding import build_backend
-from mars_dist.sharding.accelerate_setup import make_accelerator
+from mars_dist.sharding.accelerate_setup import input_dtype, make_accelerator
 from mars_dist.tracking import Tracker, layer_metrics
 
 EXIT_PREEMPTED = 99
@@ -58,10 +58,11 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int, drop_la
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict:
     model.eval()
+    cast = input_dtype(accelerator)
     correct = total = 0
     loss_sum = 0.0
     for x, y in loader:
-        logits = model(x)
+        logits = model(x if cast is None else x.to(cast))
         loss = F.cross_entropy(logits.float(), y, reduction="sum")
         logits, y, loss = accelerator.gather_for_metrics((logits, y, loss.reshape(1)))
         correct += int((logits.argmax(-1) == y).sum())
@@ -150,6 +151,7 @@ def train(cfg: Config) -> dict:
     def state(ep: int, batch: int) -> dict:
         return {"step": step, "epoch": ep, "batch_in_epoch": batch, **identity}
 
+    cast = input_dtype(accelerator)
     bar = tqdm(total=total_updates, initial=step, disable=not accelerator.is_main_process, desc="fine-tune")
     last_eval: dict = {}
     t_last = time.perf_counter()
@@ -163,7 +165,7 @@ def train(cfg: Config) -> dict:
         for x, y in loader:
             batch_in_epoch += 1
             with accelerator.accumulate(model):
-                loss = F.cross_entropy(model(x).float(), y)
+                loss = F.cross_entropy(model(x if cast is None else x.to(cast)).float(), y)
                 if not torch.isfinite(accelerator.reduce(loss.detach(), "sum")):
                     raise TrainingDiverged(f"loss is {float(loss.detach())} at update {step} (epoch {epoch}); stopped, the "
                                            f"last checkpoint in {ckpt.checkpoint_root(out)} is intact")

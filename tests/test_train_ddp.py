@@ -24,15 +24,23 @@ COMMON = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1"
           "constraint.head_radius=1.0", "tracking.wandb_mode=disabled", "train.grad_accum=2"]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
-    # one process with micro-batch 8 == two processes with micro-batch 4 each (same global batch, same order);
-    # BN in eval mode: batch statistics would otherwise depend on the per-rank batch size.
-    single = tmp_path / "single"
-    train(config.load(None, COMMON + ["train.batch_size=8", f"output_dir={single}"]))
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    train(config.load(None, COMMON + ["train.batch_size=8", f"output_dir={out}"]))
+    return out
+
+
+@pytest.mark.parametrize("launch_config", ["cpu.yaml", "zero2.yaml", "zero3.yaml"])
+def test_two_processes_match_single_process(tmp_path, single_run, launch_config):
+    """One process with micro-batch 8 == two processes with micro-batch 4 each (same global batch, same order),
+    through the CLI under `accelerate launch` with the shipped configs (DDP, ZeRO-2, ZeRO-3). BN in eval mode:
+    batch statistics would otherwise depend on the per-rank batch size."""
+    single = single_run
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate/cpu.yaml"),
-           "--num_processes", "2", "--main_process_port", "29517", "-m", "mars_dist", "train",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch/accelerate" / launch_config),
+           "--num_processes", "2", "--main_process_port", str(29517 + len(launch_config)), "-m", "mars_dist", "train",
            *COMMON, "train.batch_size=4", f"output_dir={ddp}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -42,3 +42,12 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> No
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = float(grad_clip or 0.0)
     ds.setdefault("zero_allow_untested_optimizer", True)  # we pass a plain torch optimizer (hooks live there)
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """The dtype inputs must be cast to: DeepSpeed's bf16/fp16 modes hold low-precision module weights and do not
+    autocast, so fp32 images would not match them. None where accelerate autocasts (or fp32)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)

@@ -54,7 +54,7 @@ class Backend:
             if f.anchor is None:
                 parts.append(torch.zeros(3, dtype=torch.float64))
                 continue
-            a = f.anchor.detach().to(torch.float64)
+            a = f.anchor.detach().to("cpu", torch.float64)
             idx = torch.arange(f.offset, f.offset + a.numel(), dtype=torch.float64) % 9973 + 1
             parts.append(torch.stack([a.sum(), (a * a).sum(), (a * idx).sum()]))
         buf = torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)
