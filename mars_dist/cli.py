@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from mars_dist import config as config_mod
@@ -87,13 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_input_error(err: Exception) -> bool:
-    """During training, errors raised by input validation (data, model name, checkpoints) carry their own clear
-    message; anything else keeps its traceback."""
-    return isinstance(err, FileNotFoundError) or type(err).__module__.startswith("mars_dist") or \
-        any(word in str(err) for word in ("unknown model", "not found", "train split"))
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     # `mars-dist train x.yaml a=b` : argparse would take the first override as CONFIG when no file is given
@@ -106,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     except config_mod.ConfigError as err:
         print(f"mars-dist: config error: {err}", file=sys.stderr)
         code = 2
-    except (ValueError, FileNotFoundError) as err:  # bad input: one line naming it, not a traceback
-        if args.command == "train" and not _is_input_error(err):
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        # Bad input (data path, model name, checkpoint, diverged loss) carries a message naming the problem: print
+        # that one line, not a traceback. MARS_DIST_DEBUG=1 re-raises for the full trace.
+        if os.environ.get("MARS_DIST_DEBUG") or type(err) is RuntimeError:
             raise
-        print(f"mars-dist {args.command}: {err}", file=sys.stderr)
-        code = 2
+        print(f"mars-dist {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        code = 3 if type(err).__name__ == "TrainingDiverged" else 2
     sys.exit(code)

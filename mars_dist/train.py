@@ -87,6 +87,7 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save(cfg, out / "config.yaml")
     stop = _StopFlag()
+    resume_from = ckpt.resolve_resume(cfg.resume, out)  # a bad resume path fails now, before any heavy work
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
@@ -129,7 +130,6 @@ def train(cfg: Config) -> dict:
 
     # ---- resume ----
     step, epoch, batch_in_epoch = 0, 0, 0
-    resume_from = ckpt.resolve_resume(cfg.resume, out)
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
         ckpt.check_identity(saved, identity, resume_from)
