@@ -93,6 +93,12 @@ def train(cfg: Config) -> dict:
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
                           cfg.data.val_fraction, cfg.data.test_limit, cfg.seed, cfg.data.on_bad_image)
     num_classes = len(splits.class_names)
+    for split_name in ("train", "val", "test"):
+        labels = getattr(splits, split_name)["label"]
+        bad = [y for y in set(labels) if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"data '{cfg.data.name}': {split_name} split has labels {sorted(bad)[:5]} outside the "
+                             f"{num_classes} classes {splits.class_names[:5]}...; the head would not match the labels")
     model = build_model(cfg.model.name, cfg.model.pretrained, num_classes, source=cfg.model.source)
     constraints = select_constraints(
         model, classifier_module_names(model), cfg.constraint.method, cfg.constraint.radius,

@@ -1,6 +1,6 @@
 """torch FSDP2 worker (2 CPU processes, gloo), one launch for several cases:
 
-    torchrun --nproc_per_node 2 tests/dist/fsdp2_worker.py OUT_DIR [--resume CASE] CASE [CASE ...]
+    torchrun --nproc_per_node 2 tests/distributed/fsdp2_worker.py OUT_DIR [--resume CASE] CASE [CASE ...]
 
 accelerate turns FSDP off on CPU, so this drives `fully_shard` on `init_device_mesh("cpu", (2,))` directly, with a
 plain torch AdamW and build_fsdp2_backend. After every update it gathers the fp32 masters (full_tensor) and the

@@ -1,9 +1,9 @@
 """DeepSpeed worker (2 CPU processes, gloo), one launch for several cases:
 
-    accelerate launch --config_file launch/accelerate/zeroN.yaml --num_processes 2 tests/dist/zero_worker.py \
+    accelerate launch --config_file launch/accelerate/zeroN.yaml --num_processes 2 tests/distributed/zero_worker.py \
         OUT_DIR [--resume CASE] CASE [CASE ...]
 
-Per case: the fine-tune of tests/dist/dist_common.py through accelerate + DeepSpeed exactly as the trainer drives it
+Per case: the fine-tune of tests/distributed/dist_common.py through accelerate + DeepSpeed exactly as the trainer drives it
 (accumulate / backward / step), the projection hook on build_backend's backend; after every update it gathers the
 whole fp32 masters (safe_get_full_fp32_param) and the weights forward uses (GatheredParameters, read-only) and
 records how far each constrained layer is from its radius. Rank 0 writes OUT/CASE.json and OUT/CASE.pt (final fp32

@@ -20,9 +20,9 @@ def _command(key, out: Path) -> list[str]:
     args = [str(out), *(["--resume", resume] if resume else []), *cases]
     if key == "fsdp2":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(common.free_port()), "tests/dist/fsdp2_worker.py", *args]
+                "--master_port", str(common.free_port()), "tests/distributed/fsdp2_worker.py", *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/zero{key}.yaml",
-            "--num_processes", "2", "--main_process_port", str(common.free_port()), "tests/dist/zero_worker.py", *args]
+            "--num_processes", "2", "--main_process_port", str(common.free_port()), "tests/distributed/zero_worker.py", *args]
 
 
 class Launch:

@@ -1,6 +1,6 @@
 """Shared by the 2-process workers and the tests: tiny real timm models, fixed data, the single-process reference.
 
-A case names a model, a method and the knobs of one sharded run (tests/dist/test_*.py assert on what the workers
+A case names a model, a method and the knobs of one sharded run (tests/distributed/test_*.py assert on what the workers
 write). The models are real timm architectures kept tiny, with row counts that do NOT divide the world size (ViT
 width 45, qkv/fc1 135 rows, head 5 rows), so ZeRO-3 / FSDP2 cut rows and leave empty shards.
 """
