@@ -1,18 +1,28 @@
-"""launch/slurm/*.sbatch on a real SLURM cluster of two slurmd "nodes" on loopback (tests/slurm_cluster.py), with the
-stand-in trainer tests/fixtures/fake_trainer.py (same contract as `mars_dist train`: output_dir=, resume=auto,
-SIGUSR1 -> checkpoint + preempted.json + exit 99) launched through the real `accelerate launch` (torchrun agent).
+"""launch/slurm/*.sbatch on a real SLURM cluster of two slurmd "nodes" on loopback (tests/slurm_cluster.py), one
+cluster for the whole module.
+
+First with the stand-in trainer tests/fixtures/fake_trainer.py (same contract as `mars_dist train`: output_dir=,
+resume=auto, SIGUSR1 -> checkpoint + preempted.json + exit 99) launched through the real `accelerate launch` (torchrun
+agent): fast checks of the signal path. Then with the REAL trainer and sweep (the `test_real_*` tests): the weights
+of a 2-node job, of a preempted and requeued one, and a job array sharing one Optuna study.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import socket
 import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
+import yaml
 
+from mars_dist import config
 from slurm_cluster import SlurmCluster
+from test_launch import PER_RANK, RECIPE, assert_same_weights, free_port, two_process_run
 
 pytestmark = pytest.mark.slurm
 
@@ -149,3 +159,123 @@ def test_plain_scancel_checkpoints_but_stays_cancelled(cluster, tmp_path):
     assert _read(out / "preempted.json")["signal"] == "SIGTERM"
     assert "not requeueing" in text and "requeueing job" not in text
     assert cluster.job_info(job).get("Restarts") == "0"
+
+
+def test_port_in_use_fails_before_any_node_starts(cluster, tmp_path):
+    """MARS_MAIN_PORT taken on the first node: the batch shell stops with exit 2 naming the port, before srun (a
+    multi-node launch would otherwise fail on the first node only and leave the others waiting for the rendezvous)."""
+    out = tmp_path / "out"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", free_port()))
+        holder.listen()
+        port = holder.getsockname()[1]
+        job, log = _submit(cluster, tmp_path, "multinode.sbatch", f"output_dir={out}", MARS_MAIN_PORT=str(port))
+        state = _wait(cluster, job, log, timeout=60)
+    text = log.read_text()
+    assert state == "FAILED" and cluster.job_info(job).get("ExitCode") == "2:0", text
+    assert f"error: MARS_MAIN_PORT={port} is already in use on" in text
+    assert not (out / "rank0.json").exists() and "launch:" not in text  # no node started
+
+
+# ---- the real trainer ------------------------------------------------------------------------------------------
+
+def _submit_real(cluster: SlurmCluster, tmp_path: Path, script: str, recipe: list[str], *args: str,
+                 sbatch_args: tuple = (), **env: str) -> tuple[str, Path]:
+    """sbatch launch/slurm/SCRIPT RECIPE.yaml ARGS with `mars-dist train` (the scripts' default command)."""
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text(yaml.safe_dump(config.to_dict(config.load(None, recipe)), sort_keys=False))
+    log = tmp_path / "job.log"
+    env_extra = {"MARS_ROOT": str(ROOT), "MARS_PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+                 "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled", **env}
+    job = cluster.sbatch(SLURM_DIR / script, str(cfg), *args, env_extra=env_extra, chdir=tmp_path,
+                         sbatch_args=(f"--output={log}", *sbatch_args))
+    return job, log
+
+
+def _updates_done(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if '"train/loss"' in line]
+    return max(steps, default=0)
+
+
+def test_real_trainer_two_nodes_match_one_machine(cluster, tmp_path, tmp_path_factory):
+    """The shipped multinode.sbatch, --nodes=2, one process per node: bit-identical to 2 processes on one machine."""
+    reference = two_process_run(tmp_path_factory)  # before the job: not competing with it for the 2 cores
+    out = tmp_path / "out"
+    job, log = _submit_real(cluster, tmp_path, "multinode.sbatch", PER_RANK, f"output_dir={out}",
+                            sbatch_args=("--nodes=2",))
+    state = _wait(cluster, job, log, timeout=240)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    assert "launch: 2 node(s) x 1 process(es)" in text and "resumed from" not in text
+    assert {p.name for p in (out / "checkpoints" / "step_00000012").glob("random_states_*")} == \
+        {"random_states_0.pkl", "random_states_1.pkl"}  # two ranks
+    assert_same_weights(reference, out, exact=True)
+
+
+def _wait_until(cluster: SlurmCluster, job: str, log: Path, condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        states = cluster.states(job)
+        assert states and states[0] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"), f"{states}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s ({states}):\n{log.read_text()}"
+        time.sleep(0.05)
+
+
+def _step_running(cluster: SlurmCluster, job: str) -> bool:
+    steps = cluster.run("squeue", "-h", "-s", "-j", job, "-o", "%i", check=False).stdout.split()
+    return any(step.startswith(f"{job}.") and step.split(".")[1].isdigit() for step in steps)
+
+
+def test_real_trainer_preempted_requeued_resumes_exactly(cluster, tmp_path, tmp_path_factory):
+    """Two preemptions (scancel --signal=USR1 --batch), each followed by a requeue:
+    1. while the trainer is still starting (no signal handler yet: the workers die without a checkpoint): the step
+       fails, and is requeued all the same;
+    2. mid-run: checkpoint, exit 99, requeue, resume=auto from that checkpoint (not from update 0) on both nodes.
+    The final weights are bit-identical to the uninterrupted run's."""
+    reference = two_process_run(tmp_path_factory)
+    out = tmp_path / "out"
+    job, log = _submit_real(cluster, tmp_path, "multinode.sbatch", PER_RANK, f"output_dir={out}")
+    _wait_until(cluster, job, log, lambda: _step_running(cluster, job), "srun step started")
+    cluster.scancel(job, "--signal=USR1", "--batch")
+    _wait_until(cluster, job, log, lambda: cluster.job_info(job).get("Restarts") == "1", "first requeue")
+    _wait_until(cluster, job, log, lambda: _updates_done(out) >= 2, "2 updates after the first requeue")
+    cluster.scancel(job, "--signal=USR1", "--batch")
+    state = _wait(cluster, job, log, timeout=240)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    assert cluster.job_info(job).get("Restarts") == "2", text
+    runs = text.split("SLURM_RESTART_COUNT=")[1:]  # the log of each run, in order (--open-mode=append)
+    assert [r.split()[0] for r in runs] == ["unset", "1", "2"], text
+    early = re.search(r"step finished with status (\d+) after SIGUSR1", runs[0])
+    assert early and int(early.group(1)) not in (0, 99) and "requeueing job" in runs[0], runs[0]
+    assert "resumed from" not in runs[1]  # the first run died before any checkpoint: the second starts over
+    stopped = _read(out / "preempted.json")["step"]
+    assert 2 <= stopped < 12, text  # mid-run
+    assert "after SIGUSR1" in runs[1] and "requeueing job" in runs[1]
+    assert f"resumed from {out}/checkpoints/step_{stopped:08d} at update {stopped}" in runs[2]
+    assert_same_weights(reference, out, exact=True)
+
+
+def test_real_sweep_array_shares_one_study(cluster, tmp_path):
+    """A 2-task job array of `mars-dist sweep --trials 1` (each trial through accelerate launch): both trials end in
+    the one Optuna study in the shared output dir, with different parameters, each in its own trial directory."""
+    out = tmp_path / "sweep"
+    recipe = [*RECIPE, "train.batch_size=8", "train.max_steps=3", "sweep.trials=2", "sweep.study_name=study"]
+    job, log = _submit_real(cluster, tmp_path, "sweep_array.sbatch", recipe, f"output_dir={out}",
+                            sbatch_args=("--array=0-1",), MARS_PROCS_PER_NODE="1")
+    state = _wait(cluster, job, log, timeout=240)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    study = optuna.load_study(study_name="study", storage=f"sqlite:///{out.resolve()}/study.db")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 2 == len(study.trials), [t.state for t in study.trials]
+    assert {t.user_attrs["worker"] for t in trials} == {"0", "1"}  # one trial per array task
+    assert trials[0].params != trials[1].params
+    for t in trials:
+        trial_dir = out / t.user_attrs["trial_dir"]
+        assert t.value == _read(trial_dir / "summary.json")["val_accuracy"]
+        assert (trial_dir / "export" / "model.safetensors").is_file()
+    assert "sweep task 0: 1 trial(s)" in text and "sweep task 1: 1 trial(s)" in text

@@ -16,6 +16,9 @@
 #     itself exits 1 (it reports the signal, not the workers' 99), so preempted.json is what the shell checks.
 #  5. The shell runs `scontrol requeue $SLURM_JOB_ID`; the job comes back (SLURM_RESTART_COUNT=1, 2, ...) with the
 #     same job id, output dir and log (--open-mode=append) and `resume=auto` continues from the checkpoint.
+#     A SIGUSR1 that arrives before the trainer's handler is installed (the first seconds: imports, rendezvous) kills
+#     the workers with no checkpoint; a step that fails after a SIGUSR1 is therefore requeued too (resume=auto
+#     continues from the latest checkpoint there is, or starts over).
 # SIGTERM (scancel, time limit, preemption by a higher-priority job) is NOT forwarded: SLURM already sends it to every
 # process of every step itself, and one more copy reaching the agent while it waits for its workers would raise in
 # that wait and end the agent early. The trainer still checkpoints on TERM (within SLURM's KillWait; seen here); the
@@ -30,7 +33,8 @@
 #   MARS_ACCELERATE_ARGS    extra `accelerate launch` flags, e.g. "--mixed_precision bf16"
 #   MARS_PROCS_PER_NODE     processes per node (default: SLURM_GPUS_ON_NODE, else 1)
 #   MARS_OUTPUT_DIR         output dir (default runs/slurm-JOBNAME-JOBID; an output_dir=... argument wins)
-#   MARS_MAIN_PORT          rendezvous port (default 20000 + (JOBID + 1000*RESTARTS) % 20000)
+#   MARS_MAIN_PORT          rendezvous port (default 20000 + (JOBID + 1000*RESTARTS) % 20000, or the next free one);
+#                           checked free on the first node before any node starts (exit 2 naming it if taken)
 #   MARS_SHUTDOWN_TIMEOUT   seconds the agent waits for workers to checkpoint after a signal (default 100)
 #   MARS_MAX_REQUEUES       stop requeueing after this many restarts (default 50)
 #   MARS_REQUEUE_ON_TERM    1: requeue after SIGTERM too (default 0)
@@ -83,10 +87,45 @@ mars_head_addr() {
   echo "${addr:-$head}"
 }
 
-# mars_main_port: a rendezvous port derived from the job id, so that jobs sharing a node do not collide, and shifted
-# on every requeue so that a socket of the previous run cannot be in the way.
+# _mars_port_free PORT: could a server socket bind PORT here (SO_REUSEADDR, as torch's TCPStore does)?
+_mars_port_free() {
+  "$MARS_PYTHON" -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("", int(sys.argv[1])))' "$1" 2>/dev/null
+}
+
+# mars_pick_port: set MARS_PORT, the rendezvous port, checked free on this node: the batch shell runs on the first
+# node of the allocation, where the rendezvous server listens. The default is derived from the job id, so that jobs
+# sharing a node do not collide, and shifted on every requeue so that a socket of the previous run cannot be in the
+# way; if it is taken the next free one is used. A taken MARS_MAIN_PORT is an error (exit 2). Checking before any
+# node starts matters for multi-node jobs: accelerate / torch fail on the first node only, and the other nodes would
+# wait for the rendezvous until it times out.
+mars_pick_port() {
+  if [ -n "${MARS_MAIN_PORT:-}" ]; then
+    if ! _mars_port_free "$MARS_MAIN_PORT"; then
+      mars_log "error: MARS_MAIN_PORT=$MARS_MAIN_PORT is already in use on $(hostname) (the rendezvous host);" \
+        "choose another port or unset MARS_MAIN_PORT"
+      exit 2
+    fi
+    MARS_PORT=$MARS_MAIN_PORT
+    return
+  fi
+  local base=$(((SLURM_JOB_ID + 1000 * ${SLURM_RESTART_COUNT:-0}) % 20000)) i
+  for i in $(seq 0 49); do
+    MARS_PORT=$((20000 + (base + i) % 20000))
+    if _mars_port_free "$MARS_PORT"; then
+      [ "$i" -eq 0 ] || mars_log "rendezvous port $((20000 + base)) is in use on $(hostname); using $MARS_PORT"
+      return
+    fi
+  done
+  mars_log "error: no free rendezvous port in $((20000 + base))..$MARS_PORT on $(hostname); set MARS_MAIN_PORT"
+  exit 2
+}
+
+# mars_main_port: the port mars_pick_port chose.
 mars_main_port() {
-  echo "${MARS_MAIN_PORT:-$((20000 + (SLURM_JOB_ID + 1000 * ${SLURM_RESTART_COUNT:-0}) % 20000))}"
+  echo "${MARS_PORT:?call mars_pick_port first}"
 }
 
 # mars_accelerate_args NUM_MACHINES: the `accelerate launch` flags, TRAIN_CMD and TRAIN_ARGS as the array ACCEL_ARGS,
@@ -104,6 +143,7 @@ mars_accelerate_args() {
 # SLURM_NODEID, rendezvous on the first node; with preemption handling (mars_run_step). Does not return.
 mars_launch() {
   local nodes=${SLURM_JOB_NUM_NODES:-1}
+  mars_pick_port
   mars_accelerate_args "$nodes"
   mars_log "launch: $nodes node(s) x $MARS_PROCS_PER_NODE process(es), rendezvous $(mars_head_addr):$(mars_main_port)"
   # srun does not inherit --cpus-per-task from sbatch (Slurm >= 22.05): pass it on, or each task gets one CPU.
@@ -126,12 +166,13 @@ _mars_on_signal() {
   fi
 }
 
-# _mars_preempted RC: did this run end in a checkpoint-for-preemption? Exit code 99 (a launcher that passes it on),
-# or a preempted.json (OUTPUT_DIR/ or a sweep's OUTPUT_DIR/trial_*/) written during this run. With a shared output
-# dir (MARS_SHARED_OUTPUT=1: a sweep's array tasks) another task's marker must not count, so there a marker counts
-# only when this task itself got the signal.
+# _mars_preempted RC: should this run be requeued? Exit code 99 (a launcher that passes it on), or a preempted.json
+# (OUTPUT_DIR/ or a sweep's OUTPUT_DIR/trial_*/) written during this run, or a failed step after SIGUSR1 (the signal
+# came before the trainer could handle it). With a shared output dir (MARS_SHARED_OUTPUT=1: a sweep's array tasks)
+# another task's marker must not count, so there a marker counts only when this task itself got the signal.
 _mars_preempted() {
   [ "$1" -eq "$EXIT_PREEMPTED" ] && return 0
+  [ "$MARS_GOT_SIGNAL" = USR1 ] && [ "$1" -ne 0 ] && return 0
   if [ -n "$MARS_GOT_SIGNAL" ] || [ "${MARS_SHARED_OUTPUT:-0}" != 1 ]; then
     [ -n "$(find "$OUTPUT_DIR" -maxdepth 2 -name preempted.json -newer "$MARS_STAMP" 2>/dev/null)" ] && return 0
   fi
@@ -166,7 +207,7 @@ mars_run_step() {
       mars_log "preempted, but already restarted ${SLURM_RESTART_COUNT:-0} times (MARS_MAX_REQUEUES); giving up"
       exit "$EXIT_PREEMPTED"
     fi
-    mars_log "trainer checkpointed (preempted.json); requeueing job $SLURM_JOB_ID"
+    mars_log "preempted (trainer checkpointed, or was signalled before it could); requeueing job $SLURM_JOB_ID"
     # The controller ends this run (batch shell included) and queues the job again; nothing after this matters.
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     mars_log "scontrol requeue failed"
