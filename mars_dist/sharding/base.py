@@ -39,12 +39,23 @@ class Backend:
         """Copy projected fp32 masters into the weights forward uses, when the hook ran too late for the
         optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""
 
-    def anchor_state(self) -> dict:
-        """Per-rank anchor fragments with layout metadata, for the checkpoint."""
+    def layout(self) -> dict:
+        """Backend, world size, rank and per-parameter (offset, numel) of this rank's fragments."""
         raise NotImplementedError
 
+    def anchor_state(self) -> dict:
+        """This rank's anchor fragments with their layout (one file per rank; sharded backends share this)."""
+        return {"layout": self.layout(),
+                "anchors": {c.name: a.clone() for c, a in zip(self.constraints, self.anchors) if a is not None}}
+
     def load_anchor_state(self, state: dict) -> None:
-        raise NotImplementedError
+        """Restore anchor fragments saved by `anchor_state` under the SAME layout; AnchorLayoutError otherwise."""
+        from mars_dist.sharding import check_anchor_layout  # the package imports this module
+
+        check_anchor_layout(state["layout"], self.layout())
+        for i, c in enumerate(self.constraints):
+            if self.anchors[i] is not None:
+                self.anchors[i].copy_(state["anchors"][c.name])
 
     def anchor_checksum(self) -> list[float]:
         """Layout-free checksum of all anchors (sum, sum of squares, index-weighted sum), reduced over ranks."""

@@ -16,7 +16,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from mars_dist.constraints import Constraint, Fragment
 from mars_dist.constraints.selection import rebind_running_vars
-from mars_dist.sharding import check_anchor_layout, named_parameters, register_after_step_hook
+from mars_dist.sharding import named_parameters, register_after_step_hook
 from mars_dist.sharding.base import Backend
 
 
@@ -106,16 +106,6 @@ class FSDP2Backend(Backend):
                 "params": {c.name: [off, self._local(p).numel()]
                            for c, p, off in zip(self.constraints, self.params, self.offsets)}}
 
-    def anchor_state(self) -> dict:
-        """This rank's anchor rows with their layout (for a per-rank file; DCP users take `anchor_dtensors`)."""
-        return {"layout": self.layout(),
-                "anchors": {c.name: a.clone() for c, a in zip(self.constraints, self.anchors) if a is not None}}
-
-    def load_anchor_state(self, state: dict) -> None:
-        check_anchor_layout(state["layout"], self.layout())
-        for i, c in enumerate(self.constraints):
-            if self.anchors[i] is not None:
-                self.anchors[i].copy_(state["anchors"][c.name])
 
     def anchor_dtensors(self) -> dict[str, DTensor]:
         """The anchors as Shard(0) DTensors sharing storage with the live anchors, for torch.distributed.checkpoint

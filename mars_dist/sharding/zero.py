@@ -31,7 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mars_dist.constraints import Constraint, Fragment, add_penalty_grads
 from mars_dist.constraints.selection import rebind_running_vars
-from mars_dist.sharding import (check_anchor_layout, named_parameters, register_after_step_hook,
+from mars_dist.sharding import (named_parameters, register_after_step_hook,
                                 weak_callable)
 from mars_dist.sharding.base import Backend
 
@@ -223,17 +223,6 @@ class ZeroBackend(Backend):
         return {"backend": self.name, "stage": self.stage, "world_size": self.world_size, "rank": self.rank,
                 "params": {c.name: [s.offset, s.numel] for c, s in zip(self.constraints, self.slots)}}
 
-    def anchor_state(self) -> dict:
-        """This rank's anchor fragments with their layout (save one file per rank)."""
-        return {"layout": self.layout(),
-                "anchors": {c.name: a.clone() for c, a in zip(self.constraints, self.anchors) if a is not None}}
-
-    def load_anchor_state(self, state: dict) -> None:
-        """Restore anchor fragments saved by `anchor_state` under the SAME layout; AnchorLayoutError otherwise."""
-        check_anchor_layout(state["layout"], self.layout())
-        for i, c in enumerate(self.constraints):
-            if self.anchors[i] is not None:
-                self.anchors[i].copy_(state["anchors"][c.name])
 
     def remove(self) -> None:
         for h in self._handles:
