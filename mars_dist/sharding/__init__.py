@@ -110,6 +110,7 @@ def build_fsdp2_backend(model: nn.Module, optimizer, constraints: list[Constrain
 
     _check_mode(mode)
     backend = FSDP2Backend(constraints, model, inner_optimizer(optimizer))
+    backend.verify_coverage()
     return GatherBackend(backend) if mode == "gather" else backend
 
 
@@ -127,12 +128,15 @@ def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Co
     _check_mode(mode)
     kind = accelerator.distributed_type
     if kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        return ReplicatedBackend(constraints, accelerator.unwrap_model(model), inner_optimizer(optimizer))
+        backend = ReplicatedBackend(constraints, accelerator.unwrap_model(model), inner_optimizer(optimizer))
+        backend.verify_coverage()
+        return backend
     if kind == DistributedType.DEEPSPEED:
         from mars_dist.sharding.gather import GatherBackend
         from mars_dist.sharding.zero import ZeroBackend
 
         backend = ZeroBackend(constraints, model)  # `model` is the DeepSpeedEngine accelerate returned
+        backend.verify_coverage()
         return GatherBackend(backend) if mode == "gather" else backend
     if kind == DistributedType.FSDP:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)

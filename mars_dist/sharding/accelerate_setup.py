@@ -44,6 +44,37 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> No
     ds.setdefault("zero_allow_untested_optimizer", True)  # we pass a plain torch optimizer (hooks live there)
 
 
+def model_placement(accelerator, whole: bool = False):
+    """Where `build_model` creates the parameters for this launch (mars_dist.placement): partitioned by zero.Init
+    under ZeRO-3 with `zero3_init_flag: true`, whole otherwise (and always when `whole`, e.g. the one-rank export)."""
+    from mars_dist.placement import WHOLE
+
+    if getattr(accelerator.state, "deepspeed_plugin", None) is None:
+        return WHOLE
+    from mars_dist.sharding.zero_init import model_placement as zero_placement
+
+    return zero_placement(accelerator, whole)
+
+
+def adapt_to_precision(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Under DeepSpeed bf16/fp16 (low-precision parameters, fp32 buffers) BatchNorm computes in fp32
+    (sharding/precision.py). Elsewhere accelerate's autocast keeps fp32 parameters: nothing to do."""
+    if input_dtype(accelerator) is not None:
+        from mars_dist.sharding.precision import batchnorm_in_fp32
+
+        batchnorm_in_fp32(model)
+
+
+def full_state_dict(accelerator: Accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole model's state dict for the export (a collective: call on every rank). Under DeepSpeed the
+    parameters are the fp32 masters, also in bf16/fp16 runs: the weights the bound holds on exactly."""
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        from mars_dist.sharding.precision import deepspeed_fp32_state_dict
+
+        return deepspeed_fp32_state_dict(model)
+    return {k: v.float() for k, v in accelerator.get_state_dict(model).items()}
+
+
 def input_dtype(accelerator: Accelerator) -> torch.dtype | None:
     """The dtype inputs must be cast to: DeepSpeed's bf16/fp16 modes hold low-precision module weights and do not
     autocast, so fp32 images would not match them. None where accelerate autocasts (or fp32)."""

@@ -39,6 +39,26 @@ class Backend:
         """Copy projected fp32 masters into the weights forward uses, when the hook ran too late for the
         optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""
 
+    def full_shapes(self) -> list[tuple[int, ...]]:
+        """The whole shape of each constrained parameter as this backend's model holds it (not a shard's)."""
+        raise NotImplementedError
+
+    def verify_coverage(self) -> None:
+        """Stop before the first update if any constraint would be silently skipped: a parameter with no elements,
+        a constraint shape that is not the parameter's full shape, or fragments that do not cover the parameter
+        exactly once across ranks (one reduce). The error names the parameter."""
+        for c, shape in zip(self.constraints, self.full_shapes()):
+            if c.numel == 0 or tuple(shape) != tuple(c.shape):
+                raise ValueError(f"constraint on {c.name!r}: shape {tuple(c.shape)} but the parameter's full shape is "
+                                 f"{tuple(shape)}; the constraints were selected on a partitioned or different "
+                                 f"model, the projection would miss it")
+        local = torch.tensor([float(f.w.numel()) for f in self.fragments()], dtype=torch.float64)
+        covered, _ = self.reduce(local, torch.zeros(0, dtype=torch.float64))
+        for c, n in zip(self.constraints, covered.tolist()):
+            if int(n) != c.numel:
+                raise ValueError(f"constraint on {c.name!r}: this run's fragments cover {int(n)} of its {c.numel} "
+                                 f"elements across ranks; the projection would not see the whole parameter")
+
     def layout(self) -> dict:
         """Backend, world size, rank and per-parameter (offset, numel) of this rank's fragments."""
         raise NotImplementedError

@@ -62,6 +62,9 @@ class FSDP2Backend(Backend):
         self._finish_pending = False
         self._handle = register_after_step_hook(optimizer, self._after_projection)
 
+    def full_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.params]  # a DTensor's shape is the global one
+
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 

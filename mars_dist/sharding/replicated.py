@@ -28,6 +28,9 @@ class ReplicatedBackend(Backend):
         self.anchors = [c.anchor_fragment(p.detach().view(-1), 0) for c, p in zip(constraints, self.params)]
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    def full_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(p.shape) for p in self.params]
+
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 

@@ -129,6 +129,9 @@ class ZeroBackend(Backend):
             raise RuntimeError(f"{c.name}: _hp_mapping.hp_fragment is not a view of the flat fp32 partition")
         return _Slot(p, group, start, numel, mapping.lp_fragment_address.start)
 
+    def full_shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(getattr(s.param, "ds_shape", None) or s.param.shape) for s in self.slots]
+
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 
