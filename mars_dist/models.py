@@ -260,9 +260,9 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
         model, fresh = _build_hf(name, pretrained, num_classes, keep_head, placement)
     else:
         model, fresh = _build_timm(name, pretrained, num_classes, keep_head, placement)
+    placement.finish(model)  # a partitioned placement partitions what is left whole now
     if fresh and head_seed is not None:
         init_fresh_head_(model, classifier_module_names(model), head_seed, placement)
-    placement.finish(model)
     return model
 
 

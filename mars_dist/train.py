@@ -154,7 +154,8 @@ def train(cfg: Config) -> dict:
              "layers": [{"name": c.name, "role": c.role, "action": c.action, "norm": c.norm, "radius": c.radius,
                          "shape": list(c.shape)} for c in constraints]}, indent=1))
         accelerator.print(f"{len(train_ds)} train / {len(val_ds)} val / {len(test_ds)} test images, "
-                          f"{num_classes} classes; {summary(constraints)['count']} constrained parameters; "
+                          f"{num_classes} classes; {summary(constraints)['count']} constrained tensors "
+                          f"({summary(constraints)['parameters']:,} parameters); "
                           f"{total_updates} updates")
 
     def state(ep: int, batch: int) -> dict:

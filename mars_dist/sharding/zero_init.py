@@ -7,8 +7,9 @@ not fit whole). Two traps this module exists for:
   builds every model under zero.Init when that config is ZeRO-3: a "whole" build must unregister it while it runs.
 - zero.Init creates every floating tensor in the training dtype, BatchNorm running statistics included; the whole
   path keeps them fp32 (DeepSpeed casts parameters only), so they are put back to fp32 before anything is loaded.
-Pretrained weights go into the partitions one module at a time (`GatheredParameters`, modifier rank 0): at most one
-module is ever whole, and only while the model is built — never after the optimizer exists (docs/distributed-notes).
+Pretrained weights go into the partitions one module at a time: at most one module is ever whole, and only while the
+model is built. Later edits (the seeded fresh head) go through `GatheredParameters` with modifier rank 0 — only before
+the optimizer exists, where that edit reaches the fp32 master (docs/distributed-notes).
 """
 
 from __future__ import annotations
@@ -55,7 +56,15 @@ class WholeUnderZero3(Whole):
 
 
 class ZeroInit(Whole):
-    """Parameters created partitioned by deepspeed.zero.Init; weights loaded into the partitions."""
+    """Parameters partitioned at creation; pretrained weights loaded into the partitions.
+
+    Hugging Face models: transformers' own ZeRO-3 integration (from_config / from_pretrained under zero.Init).
+    timm models: not inside zero.Init itself — timm's model-level init (EfficientNet's, ResNet's) runs after the
+    children are partitioned and divides by their empty shapes. Instead the parameters are created on the meta device
+    (accelerate's `init_empty_weights`, buffers stay real: some are computed in __init__), and `finish` then turns them
+    into ZeRO-3 partitions one module at a time, children first: materialise that module's own parameters, fill them
+    from the weights being loaded, partition (`deepspeed.zero.Init(module=...)`). At most one module is whole at once.
+    """
 
     partitioned = True
 
@@ -63,14 +72,15 @@ class ZeroInit(Whole):
         self.plugin = plugin
         if getattr(plugin, "dschf", None) is None:
             plugin.set_deepspeed_weakref()
-        # accelerate's copy of the DeepSpeed config with the "auto" batch values resolved (zero.Init reads dtype,
-        # stage-3 and offload settings from it)
+        # accelerate's copy of the DeepSpeed config, "auto" batch values resolved, bf16/fp16 set
         self.config = plugin.dschf.config
+        self.dtype = (torch.bfloat16 if self.config.get("bf16", {}).get("enabled") is True else
+                      torch.float16 if self.config.get("fp16", {}).get("enabled") is True else torch.float32)
 
     def modules(self) -> contextlib.AbstractContextManager:
-        import deepspeed
+        from accelerate import init_empty_weights
 
-        return deepspeed.zero.Init(config_dict_or_path=self.config)
+        return init_empty_weights(include_buffers=False)
 
     @contextlib.contextmanager
     def transformers(self) -> Iterator[None]:
@@ -90,26 +100,56 @@ class ZeroInit(Whole):
         return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Buffers now; parameters (on the meta device) when `finish` partitions them."""
         keys = list(model.state_dict().keys())
         missing = [k for k in keys if k not in state]
         unexpected = [k for k in state if k not in set(keys)]
         _batchnorm_buffers_fp32(model)
+        buffers = dict(model.named_buffers())
         with torch.no_grad():
-            for module_name, module in model.named_modules():
-                prefix = f"{module_name}." if module_name else ""
-                own = {prefix + n: p for n, p in module.named_parameters(recurse=False) if prefix + n in state}
-                if own:
-                    with self.edit(list(own.values())) as writer:
-                        if writer:
-                            for key, p in own.items():
-                                p.copy_(state[key].to(p.dtype).view_as(p))
-                for n, buf in module.named_buffers(recurse=False):
-                    if buf is not None and prefix + n in state:  # buffers are never partitioned
-                        buf.copy_(state[prefix + n].to(buf.dtype).view_as(buf))
+            for k, v in state.items():
+                if k in buffers and buffers[k] is not None:
+                    buffers[k].copy_(v.to(buffers[k].dtype).view_as(buffers[k]))
+        pending = getattr(model, "_mars_pending_weights", {})
+        pending.update({k: v for k, v in state.items() if k not in buffers})
+        model._mars_pending_weights = pending
         return missing, unexpected
 
     def finish(self, model: nn.Module) -> None:
+        import deepspeed
+
         _batchnorm_buffers_fp32(model)
+        pending = model.__dict__.pop("_mars_pending_weights", {})
+        for module_name, module in reversed(list(model.named_modules())):  # children before their parents
+            prefix = f"{module_name}." if module_name else ""
+            meta = [(n, p) for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            if not meta:
+                continue
+            for n, p in meta:
+                module._parameters[n] = nn.Parameter(torch.empty(p.shape, dtype=torch.float32),
+                                                     requires_grad=p.requires_grad)
+            # shapes were checked at load; a pending value of another shape belongs to a module replaced since
+            # (the 1000-class head of the bundled weights, before reset_classifier)
+            loaded = {n for n, p in meta if prefix + n in pending and tuple(pending[prefix + n].shape) == tuple(p.shape)}
+            unloaded = [n for n, _ in meta if n not in loaded]
+            if unloaded:  # no weights for them (pretrained 'none', a new head): torch's default init
+                self._default_init(module, unloaded)
+            with torch.no_grad():
+                for n, _ in meta:
+                    p = module._parameters[n]
+                    if n in loaded:
+                        p.copy_(pending[prefix + n])
+                    p.data = p.data.to(self.dtype)
+            deepspeed.zero.Init(module=module, config_dict_or_path=self.config, mem_efficient_linear=False)
+
+    @staticmethod
+    def _default_init(module: nn.Module, names: list[str]) -> None:
+        if not any(True for _ in module.children()) and hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # a leaf layer: its own parameters only
+            return
+        with torch.no_grad():
+            for n in names:
+                nn.init.trunc_normal_(module._parameters[n], std=0.02)
 
 
 def model_placement(accelerator, whole: bool = False) -> Whole:
