@@ -100,8 +100,11 @@ def train(cfg: Config) -> dict:
         if bad:
             raise ValueError(f"data '{cfg.data.name}': {split_name} split has labels {sorted(bad)[:5]} outside the "
                              f"{num_classes} classes {splits.class_names[:5]}...; the head would not match the labels")
+    placement = model_placement(accelerator)
     model = build_model(cfg.model.name, cfg.model.pretrained, num_classes, source=cfg.model.source,
-                        placement=model_placement(accelerator), head_seed=cfg.seed)
+                        placement=placement, head_seed=cfg.seed)
+    accelerator.print(f"model {cfg.model.name}: parameters created "
+                      f"{'partitioned (DeepSpeed zero.Init)' if placement.partitioned else 'whole'}")
     adapt_to_precision(accelerator, model)
     constraints = select_constraints(
         model, classifier_module_names(model), cfg.constraint.method, cfg.constraint.radius,

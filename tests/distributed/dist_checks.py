@@ -9,7 +9,8 @@ import torch
 
 from mars_dist.sharding import ReplicatedBackend
 
-EQUIVALENCE = ("pgm", "pgm_2groups", "pgm_subgroups", "l2pgm", "marssp", "l2sp_2groups", "l2sp_subgroups", "eff_pgm")
+EQUIVALENCE = ("pgm", "pgm_2groups", "pgm_subgroups", "l2pgm", "marssp", "l2sp_2groups", "l2sp_subgroups", "eff_pgm",
+               "hf_vit_pgm", "hf_resnet_pgm")
 
 
 def cases(key, pick=lambda c: True) -> list:

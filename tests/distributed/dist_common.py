@@ -25,7 +25,7 @@ WORLD, ACCUM, MICRO, UPDATES, IMG = 2, 2, 2, 4, 32
 LR = 1e-3
 EPS = 1e-6
 BOUND_RTOL = 5e-5  # W0 + D * s rounds in fp32: a clipped row's norm lands within a few 1e-6 of the radius
-ATOL = {"vit": 1e-6, "effnet": 5e-6}
+ATOL = {"vit": 1e-6, "effnet": 5e-6, "hf_vit": 1e-6, "hf_resnet": 5e-6}
 """Equivalence tolerance. The EfficientNet case has one BN-bias element whose four micro-batch gradients cancel to
 1e-4 of their size; AdamW normalises what is left, so ulp-level differences elsewhere move it by ~2.4e-6."""
 
@@ -42,6 +42,9 @@ CASES = {
     "gather_sp": dict(model="vit", method="mars-sp", mode="gather"),
     "eff_pgm": dict(model="effnet", method="mars-pgm"),
     "eff_bntrain": dict(model="effnet", method="mars-pgm", bn_mode="train"),
+    # Hugging Face image classifiers built from a local config (LayerNorm and BatchNorm)
+    "hf_vit_pgm": dict(model="hf_vit", method="mars-pgm"),
+    "hf_resnet_pgm": dict(model="hf_resnet", method="mars-pgm"),
     "bf16_pgm": dict(model="vit", method="mars-pgm", bf16=True, persistence=500),
     # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer instead of the ZeRO-1/2 optimizer
     "bf16_fp32acc": dict(model="vit", method="mars-pgm", bf16=True, fp32_accum=True),
@@ -54,11 +57,13 @@ LAUNCHES = {
     2: (["pgm", "gather", "marssp", "bf16_pgm"], None),
     3: (["pgm", "pgm_subgroups", "l2pgm", "marssp", "l2sp_subgroups", "gather", "gather_sp", "eff_pgm", "eff_bntrain",
          "bf16_pgm"], "pgm_subgroups"),
-    "fsdp2": (["pgm", "l2pgm", "marssp", "gather", "gather_sp", "eff_pgm", "eff_bntrain"], "pgm"),
+    "fsdp2": (["pgm", "l2pgm", "marssp", "gather", "gather_sp", "eff_pgm", "eff_bntrain", "hf_vit_pgm",
+               "hf_resnet_pgm"], "pgm"),
 }
 
-HEADS = {"vit": ["head"], "effnet": ["classifier"]}
-RADII = {"vit": (0.06, 0.5), "effnet": (0.05, 0.5)}
+HEADS = {"vit": ["head"], "effnet": ["classifier"], "hf_vit": ["hf_model.classifier"],
+         "hf_resnet": ["hf_model.classifier"]}
+RADII = {"vit": (0.06, 0.5), "effnet": (0.05, 0.5), "hf_vit": (0.06, 0.5), "hf_resnet": (0.05, 0.5)}
 PENALTY = {"mars-sp": 3e-3, "l2-sp": 3e-1}
 
 
@@ -77,6 +82,15 @@ def build_model(kind: str) -> torch.nn.Module:
                                  qkv_bias=False)  # a key bias has zero gradient: Adam would amplify fp noise
     if kind == "effnet":
         return timm.create_model("test_efficientnet", pretrained=False, num_classes=5)
+    if kind.startswith("hf_"):
+        from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
+
+        from mars_dist.models import HFClassifier
+
+        cfg = (ViTConfig(hidden_size=45, num_hidden_layers=2, num_attention_heads=3, intermediate_size=135,
+                         image_size=IMG, patch_size=8, num_labels=5, qkv_bias=False) if kind == "hf_vit" else
+               ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic", num_labels=5))
+        return HFClassifier(AutoModelForImageClassification.from_config(cfg))
     raise ValueError(kind)
 
 

@@ -30,7 +30,12 @@ from mars_dist.sharding import build_fsdp2_backend
 
 def shard(model: torch.nn.Module, kind: str, mesh) -> None:
     """Blocks first, then the root (the usual FSDP2 wrapping)."""
-    blocks = model.blocks if kind == "vit" else [b for stage in model.blocks for b in stage]
+    if kind == "hf_vit":
+        blocks = model.hf_model.vit.encoder.layer
+    elif kind == "hf_resnet":
+        blocks = [layer for stage in model.hf_model.resnet.encoder.stages for layer in stage.layers]
+    else:
+        blocks = model.blocks if kind == "vit" else [b for stage in model.blocks for b in stage]
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

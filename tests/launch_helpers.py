@@ -1,0 +1,108 @@
+"""Shared by the trainer-under-launcher tests: run the CLI in one process or under `accelerate launch` with a shipped
+config, and check an export against the bound (whole weights, float64 distances, pretrained anchors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mars_dist import config
+from mars_dist.constraints import Fragment, measure, select_constraints
+from mars_dist.models import build_model, classifier_module_names
+
+ROOT = Path(__file__).resolve().parent.parent
+BOUND_RTOL = 5e-5  # a clipped row lands within fp32 rounding of its radius
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(out: Path, overrides: list[str], launch_config: str | None = None, processes: int = 2,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+    """`mars-dist train` with `overrides` (one process), or under `accelerate launch` with a shipped config."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WANDB_MODE": "disabled"}
+    args = ["train", *overrides, f"output_dir={out}"]
+    if launch_config is None:
+        cmd = [sys.executable, "-m", "mars_dist", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "launch/accelerate" / launch_config), "--num_processes", str(processes),
+               "--main_process_port", str(free_port()), "-m", "mars_dist", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def export_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The exported state dict, keyed as in the training model (HF exports drop the wrapper's `hf_model.`)."""
+    state = load_file(str(run / "export" / "model.safetensors"))
+    cfg = json.loads((run / "export" / "config.json").read_text())
+    return {f"hf_model.{k}": v for k, v in state.items()} if "model_type" in cfg else state
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 2e-6, rtol: float = 1e-5) -> None:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))[:5]
+    for k in a:
+        torch.testing.assert_close(b[k].float(), a[k].float(), atol=atol, rtol=rtol, msg=k)
+
+
+def constrained_summary(run: Path) -> dict:
+    return json.loads((run / "constraints.json").read_text())["summary"]
+
+
+def projection_was_active(run: Path) -> bool:
+    return any(layer["frac_at_bound"] > 0 for layer in json.loads((run / "layers.json").read_text())["layers"])
+
+
+def bound_ratios(run: Path, anchor_dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """distance / radius of every projected layer of the export, over what fp32 rounding allows, against anchors
+    from the run's own pretrained weights (cast to `anchor_dtype` and back: a bf16 run's masters start from
+    bf16(pretrained)). BatchNorm effective scales use the exported running variance, the one the last projection
+    saw. <= 1: the bound holds."""
+    cfg = config.load(run / "config.yaml")
+    export = export_weights(run)
+    model = build_model(cfg.model.name, cfg.model.pretrained, _num_classes(run), source=cfg.model.source,
+                        head_seed=cfg.seed)
+    c = cfg.constraint
+    constraints = select_constraints(model, classifier_module_names(model), c.method, c.radius, c.head_radius,
+                                     c.penalty, c.head_penalty, [(g.pattern, g.radius) for g in c.groups],
+                                     c.norm_layers, c.embeddings, c.bn_eps)
+    pretrained = dict(model.named_parameters())
+    frags = []
+    for con in constraints:
+        w0 = pretrained[con.name].detach().to(anchor_dtype).float().reshape(-1)
+        if con.role == "bn":
+            con.running_var = export[con.name.rsplit(".", 1)[0] + ".running_var"].float()
+        frags.append(Fragment(con, export[con.name].float().reshape(-1), con.anchor_fragment(w0, 0), 0))
+    out = {}
+    for con, s in zip(constraints, measure(frags)):
+        if con.action == "project" and con.radius is not None:
+            # diagonal layers are clipped elementwise (BN: in effective-scale space, then multiplied back): the
+            # clipped value is off by an ulp of the value itself, which can be large next to a small radius
+            allowed = 1 + BOUND_RTOL + (8 * 2.0 ** -24 * s.layer_norm / con.radius if con.kind == "diag" else 0.0)
+            dist = s.frobenius if con.norm == "l2" and con.kind == "rows" else s.distance
+            out[con.name] = dist / con.radius / allowed
+    return out
+
+
+def _num_classes(run: Path) -> int:
+    layers = json.loads((run / "constraints.json").read_text())["layers"]
+    head = next(layer for layer in layers if layer["role"] == "head")
+    return head["shape"][0]
+
+
+def assert_bound_holds(run: Path, anchor_dtype: torch.dtype = torch.float32) -> None:
+    ratios = bound_ratios(run, anchor_dtype)
+    assert ratios, "no projected layer"
+    worst = max(ratios, key=ratios.get)
+    assert ratios[worst] <= 1, f"{worst}: distance / radius is {ratios[worst]} x what rounding allows"
