@@ -44,10 +44,15 @@ def run_cli(out: Path, overrides: list[str], launch_config: str | None = None, p
 
 
 def export_weights(run: Path) -> dict[str, torch.Tensor]:
-    """The exported state dict, keyed as in the training model (HF exports drop the wrapper's `hf_model.`)."""
-    state = load_file(str(run / "export" / "model.safetensors"))
-    cfg = json.loads((run / "export" / "config.json").read_text())
-    return {f"hf_model.{k}": v for k, v in state.items()} if "model_type" in cfg else state
+    """The exported state dict, keyed as in the training model. A Hugging Face export is loaded by transformers
+    itself (save_pretrained writes some legacy key names that from_pretrained maps back)."""
+    export = run / "export"
+    if "model_type" not in json.loads((export / "config.json").read_text()):
+        return load_file(str(export / "model.safetensors"))
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(str(export))
+    return {f"hf_model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 2e-6, rtol: float = 1e-5) -> None:

@@ -38,10 +38,11 @@ def single_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("launch_config", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml"])
+@pytest.mark.parametrize("launch_config", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3.yaml", "zero3_init.yaml"])
 def test_two_processes_match_single_process(tmp_path, single_run, launch_config):
     """One process with micro-batch 8 == two processes with micro-batch 4 each (same global batch, same order),
-    through the CLI under `accelerate launch` with the shipped configs (DDP, ZeRO-2, ZeRO-3). BN in eval mode:
+    through the CLI under `accelerate launch` with the shipped configs (DDP, ZeRO-1/2/3, ZeRO-3 with zero.Init: the
+    timm model created partitioned and the bundled weights loaded into the partitions). BN in eval mode:
     batch statistics would otherwise depend on the per-rank batch size."""
     single = single_run
     ddp = tmp_path / "ddp"

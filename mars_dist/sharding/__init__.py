@@ -2,9 +2,12 @@
 constrained parameter and does the one collective per update. One dispatch point: `build_backend` (accelerate), and
 `build_fsdp2_backend` for a model sharded with torch `fully_shard` directly.
 
-Backends: ReplicatedBackend (one process / DDP), ZeroBackend (DeepSpeed ZeRO-1/2/3, zero.py — the only module that
-imports deepspeed), FSDP2Backend (fsdp2.py), GatherBackend (gather.py: the gather-everything reference, config
-`constraint.mode: gather`). docs/sharding.md explains the design.
+Backends: ReplicatedBackend (one process / DDP), ZeroBackend (DeepSpeed ZeRO-1/2/3, zero.py), FSDP2Backend
+(fsdp2.py), GatherBackend (gather.py: the gather-everything reference, config `constraint.mode: gather`). Around
+them: accelerate_setup.py (the Accelerator, how the model is built for this launch, precision, the export's state
+dict), zero_init.py (whole or zero.Init construction under ZeRO-3), precision.py (BatchNorm in fp32 under DeepSpeed
+bf16/fp16, fp32 masters for the export). Only zero.py, zero_init.py and precision.py import deepspeed.
+docs/sharding.md explains the design.
 """
 
 from __future__ import annotations

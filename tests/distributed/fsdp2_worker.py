@@ -31,7 +31,7 @@ from mars_dist.sharding import build_fsdp2_backend
 def shard(model: torch.nn.Module, kind: str, mesh) -> None:
     """Blocks first, then the root (the usual FSDP2 wrapping)."""
     if kind == "hf_vit":
-        blocks = model.hf_model.vit.encoder.layer
+        blocks = model.hf_model.vit.layers
     elif kind == "hf_resnet":
         blocks = [layer for stage in model.hf_model.resnet.encoder.stages for layer in stage.layers]
     else:

@@ -54,9 +54,11 @@ def test_unknown_mode_is_refused():
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("stage", (1, 2, 3))
-def test_zero_launch_configs(stage):
-    cfg = load_config_from_file(str(ROOT / f"launch/accelerate/zero{stage}.yaml"))
+@pytest.mark.parametrize("stage,name,init", [(1, "zero1", False), (2, "zero2", False), (3, "zero3", False),
+                                             (3, "zero3_init", True)])
+def test_zero_launch_configs(stage, name, init):
+    cfg = load_config_from_file(str(ROOT / f"launch/accelerate/{name}.yaml"))
+    assert bool(cfg.deepspeed_config["zero3_init_flag"]) is init
     assert cfg.distributed_type == DistributedType.DEEPSPEED and cfg.num_processes == 2
     assert cfg.mixed_precision is None, "accelerate refuses mixed_precision next to a deepspeed_config_file"
     ds = json.loads((ROOT / cfg.deepspeed_config["deepspeed_config_file"]).read_text())
