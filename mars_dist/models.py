@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import timm
@@ -355,35 +354,8 @@ def resolve_data_config(model: nn.Module, image_size: int | None) -> dict:
 
 
 # ---------------------------------------------------------------- export
-def export_model(model: nn.Module, out_dir: str | Path, model_name: str, num_classes: int, source: str = "auto",
-                 data_config: dict | None = None) -> Path:
-    """Write model.safetensors + config.json loadable WITHOUT mars_dist; returns `out_dir`.
+def export_model(*args, **kwargs):
+    """Moved to mars_dist.export (with class names and an image processor); kept here for old imports."""
+    from mars_dist.export import export_model as _export_model
 
-    timm: `timm.create_model(name, pretrained=True, num_classes=N,
-    pretrained_cfg_overlay=dict(file=out_dir/'model.safetensors', num_classes=N))` (the overlay needs num_classes too,
-    else timm compares N with the architecture's default 1000 and drops the trained head), or more simply
-    `timm.create_model('local-dir:' + out_dir, pretrained=True)`.
-    HF: `AutoModelForImageClassification.from_pretrained(out_dir)`. `data_config` (from resolve_data_config)
-    records the preprocessing used in training.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    heads = classifier_module_names(model)
-    outputs = [m.out_features for h in heads for m in model.get_submodule(h).modules() if isinstance(m, nn.Linear)]
-    if outputs and outputs[-1] != num_classes:
-        raise ValueError(f"export of {model_name!r}: head has {outputs[-1]} outputs, expected {num_classes}")
-    if isinstance(model, HFClassifier):
-        model.hf_model.save_pretrained(str(out), safe_serialization=True)
-        if model.source_dir and (Path(model.source_dir) / "preprocessor_config.json").is_file():
-            shutil.copy(Path(model.source_dir) / "preprocessor_config.json", out / "preprocessor_config.json")
-        return out
-    if resolve_source(model_name, source) != "timm":
-        raise ValueError(f"export of {model_name!r}: a timm model was given but the name resolves to source 'hf'")
-    from timm.models import save_for_hf
-
-    dc = None
-    if data_config:  # timm's export takes the preprocessing keys it knows
-        dc = {k: data_config[k] for k in ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-              if k in data_config}
-    save_for_hf(model, str(out), safe_serialization=True, data_config=dc)
-    return out
+    return _export_model(*args, **kwargs)

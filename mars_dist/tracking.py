@@ -78,8 +78,9 @@ class Tracker:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
-    def finish(self, stats: Sequence[LayerStats], summary: dict) -> None:
-        """Write the per-layer table (layers.json), the distance/radius plot (layers.png) and the summary."""
+    def finish(self, stats: Sequence[LayerStats], summary: dict, export_dir: str | Path | None = None) -> None:
+        """Write the per-layer table (layers.json), the distance/radius plot (layers.png) and the summary; log the
+        export folder (if given) as a W&B model artifact."""
         if not self.active:
             return
         rows = [{"name": s.name, "role": s.role, "radius": s.radius, "distance": s.distance,
@@ -99,8 +100,23 @@ class Tracker:
             self.run.log(payload)
             for k, v in summary.items():
                 self.run.summary[k] = v
+            if export_dir is not None and Path(export_dir).is_dir():
+                log_model_artifact(self.run, Path(export_dir), summary)
             self.run.finish()
         self.jsonl.close()
+
+
+def log_model_artifact(run, export_dir: Path, summary: dict):
+    """The export as a W&B artifact of type 'model' (aliases 'latest'). Its files are referenced where they are
+    (policy 'immutable': no copy into W&B's staging area); offline runs record it in the run file, and a later
+    `wandb sync` uploads those files, so keep OUTPUT_DIR/export until then."""
+    import wandb
+
+    clean = {k: v for k, v in summary.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    artifact = wandb.Artifact(f"model-{run.id}", type="model", metadata=clean,
+                              description=f"mars_dist export of run {run.name}: weights, config, model card")
+    artifact.add_dir(str(export_dir), policy="immutable")
+    return run.log_artifact(artifact, aliases=["latest"])
 
 
 def plot_layer_ratios(stats: Sequence[LayerStats], path: Path) -> Path | None:

