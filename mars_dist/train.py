@@ -15,11 +15,13 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mars_dist import checkpoint as ckpt
+from mars_dist.card import write_model_card
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
 from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
 from mars_dist.hook import ProjectionHook
-from mars_dist.models import build_model, classifier_module_names, export_model, resolve_data_config
+from mars_dist.export import export_model
+from mars_dist.models import build_model, classifier_module_names, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
 from mars_dist.sharding import build_backend
 from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
@@ -238,8 +240,10 @@ def train(cfg: Config) -> dict:
         export = build_model(cfg.model.name, "none", num_classes, source=cfg.model.source,
                              placement=model_placement(accelerator, whole=True))
         export.load_state_dict(full_state)
-        export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg)
-    tracker.finish(stats, result)
+        export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg,
+                     class_names=splits.class_names)
+        write_model_card(out / "export", cfg, result, stats, accelerator)  # README.md: the facts of this run
+    tracker.finish(stats, result, export_dir=out / "export")  # + the export as a W&B model artifact
     accelerator.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / num_classes:.3f})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
