@@ -219,7 +219,9 @@ def _wait_until(cluster: SlurmCluster, job: str, log: Path, condition, what: str
     deadline = time.monotonic() + timeout
     while not condition():
         states = cluster.states(job)
-        assert states and states[0] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED"), f"{states}: {log.read_text()}"
+        # COMPLETING: transient, between a preempted step ending and the requeue (seen under load)
+        assert states and states[0] in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "COMPLETING"), \
+            f"{states}: {log.read_text()}"
         assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s ({states}):\n{log.read_text()}"
         time.sleep(0.05)
 
