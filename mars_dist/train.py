@@ -66,8 +66,8 @@ def evaluate(model, loader, accelerator) -> dict:
     loss_sum = 0.0
     for x, y in loader:
         logits = model(x if cast is None else x.to(cast))
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        logits, y, loss = accelerator.gather_for_metrics((logits, y, loss.reshape(1)))
+        loss = F.cross_entropy(logits.float(), y, reduction="none")  # per sample: gather_for_metrics then drops
+        logits, y, loss = accelerator.gather_for_metrics((logits, y, loss))  # the samples padding the last batch
         correct += int((logits.argmax(-1) == y).sum())
         total += int(y.numel())
         loss_sum += float(loss.sum())
