@@ -1,5 +1,7 @@
 """`mars-dist train CONFIG [key=value ...]`, `mars-dist sweep CONFIG [key=value ...] --trials N`,
-`mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`.
+`mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`; after training: `mars-dist eval EXPORT_OR_RUN_DIR
+[key=value ...]`, `mars-dist predict EXPORT_DIR IMAGE_OR_FOLDER ... [--top-k K] [--output predictions.csv]`,
+`mars-dist report RUN_DIR`.
 
 The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
 """
@@ -54,6 +56,28 @@ def _prepare(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from mars_dist.evaluate import run_eval
+
+    run_eval(args.target, args.overrides, split=args.split, output_dir=args.output_dir)
+    return 0
+
+
+def _predict(args) -> int:
+    from mars_dist.predict import predict
+
+    predict(args.export, args.images, top_k=args.top_k, output=args.output, batch_size=args.batch_size,
+            num_workers=args.workers)
+    return 0
+
+
+def _report(args) -> int:
+    from mars_dist.report import write_report
+
+    print(f"mars-dist report: wrote {write_report(args.run_dir, args.output)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars-dist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +109,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-banner", action="store_true", help="aircraft: keep the bottom 20-pixel banner")
     p.add_argument("--split-id", type=int, default=1, help="dtd: which of the 10 official splits (1..10)")
     p.set_defaults(func=_prepare)
+    p = sub.add_parser("eval", help="evaluate an export (or a run's) on the test split or any data set (data.* "
+                                    "overrides): accuracy, loss, per-class accuracy, ECE, confusion matrix")
+    p.add_argument("target", help="an export folder or a run directory (OUTPUT_DIR)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value on the run's config, e.g. data.name=imagefolder "
+                                                "data.path=other/ data.test_limit=null train.batch_size=64")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"))
+    p.add_argument("--output-dir", default=None, help="where the JSON and the PNG go (default RUN_DIR/eval)")
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("predict", help="classify images and folders of images with an export; CSV out")
+    p.add_argument("export", help="an export folder or a run directory")
+    p.add_argument("images", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=1, help="labels per image, most probable first")
+    p.add_argument("--output", default=None, help="CSV file (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+    p.set_defaults(func=_predict)
+    p = sub.add_parser("report", help="one self-contained HTML page of a run (curves, per-layer distances over "
+                                      "time, radii, bound term C, config)")
+    p.add_argument("run_dir")
+    p.add_argument("--output", default=None, help="HTML file (default RUN_DIR/report.html)")
+    p.set_defaults(func=_report)
     return parser
 
 
