@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: the demo's data (Fashion-MNIST), a compiler + ninja for DeepSpeed's CPU op, and SLURM + munge
-# for the launch tests. Install only what is missing (apt is slow even when there is nothing to do).
-APT_PACKAGES="dataset-fashion-mnist g++ ninja-build slurmctld slurmd slurm-client munge"
+# for the launch tests, chromium (headless) for the report test. Install only what is missing (apt is slow even when
+# there is nothing to do).
+APT_PACKAGES="dataset-fashion-mnist g++ ninja-build slurmctld slurmd slurm-client munge chromium"
 missing=""
 for pkg in $APT_PACKAGES; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
