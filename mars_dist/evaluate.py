@@ -156,7 +156,7 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
     loader = torch.utils.data.DataLoader(
         ImageClassificationDataset(ds, build_transforms(exported.data_config, train=False)),
         batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
-    loader = accelerator.prepare(loader)
+    loader = accelerator.prepare_data_loader(loader)  # the loader alone (also under DeepSpeed): shards
     all_logits, all_labels, loss_sum = [], [], 0.0
     with torch.no_grad():
         for x, y in tqdm(loader, desc="eval", disable=not accelerator.is_main_process):
