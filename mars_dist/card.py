@@ -74,12 +74,13 @@ def launch_text(accelerator) -> str:
     if accelerator is None:
         return "not recorded"
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
-    kind = {"NO": "one process", "MULTI_CPU": "DDP (gloo)", "MULTI_GPU": "DDP", "FSDP": "FSDP2"}.get(kind, kind)
+    kind = {"MULTI_CPU": "DDP (gloo)", "MULTI_GPU": "DDP", "FSDP": "FSDP2"}.get(kind, kind)
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is not None:
         kind = f"DeepSpeed ZeRO-{plugin.zero_stage}"
     n = accelerator.num_processes
-    return f"{n} process{'es' if n > 1 else ''}, {kind}, mixed precision {accelerator.mixed_precision}"
+    where = "1 process" if n == 1 else f"{n} processes, {kind}"
+    return f"{where}, mixed precision {accelerator.mixed_precision}"
 
 
 def _fmt(v, digits: int = 4) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -152,6 +153,10 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
     ds, data_names, skipped = eval_dataset(cfg, split)
     if len(ds) == 0:
         raise ValueError(f"data '{cfg.data.name}' ({cfg.data.path or ''}): the {split} split has no images")
+    if not exported.labelled and len(data_names) == len(exported.class_names):
+        print(f"mars-dist eval: {exported.path} records no class names; taking the data's {len(data_names)} classes "
+              f"in label order ({', '.join(data_names[:5])}...)", file=sys.stderr)
+        exported.class_names = list(data_names)
     mapping = torch.tensor(label_map(data_names, exported.class_names))
     loader = torch.utils.data.DataLoader(
         ImageClassificationDataset(ds, build_transforms(exported.data_config, train=False)),

@@ -104,6 +104,8 @@ class Export:
     class_names: list[str]
     data_config: dict
     meta: dict
+    labelled: bool = True
+    """False for an export without class names (made before they were recorded): names are '0', '1', ..."""
 
 
 def find_export(path: str | Path) -> Path:
@@ -140,6 +142,7 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Export:
         labels = cfg.get("label_names") or meta.get("class_names")
         if isinstance(labels, dict):
             labels = [labels.get(str(i), labels.get(i, str(i))) for i in range(model.num_classes)]
+        labelled = bool(labels)
         names = [str(c) for c in labels] if labels else [str(i) for i in range(model.num_classes)]
     else:
         from transformers import AutoModelForImageClassification
@@ -148,7 +151,8 @@ def load_export(path: str | Path, device: str | torch.device = "cpu") -> Export:
         hf = AutoModelForImageClassification.from_pretrained(str(p))
         model = HFClassifier(hf, source_dir=str(p))
         names = [str(hf.config.id2label.get(i, i)) for i in range(hf.config.num_labels)]
+        labelled = names != [f"LABEL_{i}" for i in range(len(names))]  # transformers' placeholder names
     model.eval().to(device)
     data_config = meta.get("data_config") or resolve_data_config(model, None)
     data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()}
-    return Export(p, kind, model, names, data_config, meta)
+    return Export(p, kind, model, names, data_config, meta, labelled)

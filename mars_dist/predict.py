@@ -108,7 +108,7 @@ def predict(export_dir: str | Path, inputs: list[str], top_k: int = 1, output: s
                     done += len(idx)
                 for i, err in bad:
                     failed.append((str(files[i]), err))
-                    print(f"mars-dist predict: skipped unreadable image {files[i]}: {err}", file=sys.stderr)
+                    bar.write(f"mars-dist predict: skipped unreadable image {files[i]}: {err}", file=sys.stderr)
                     rows[i] = [str(files[i])] + [""] * (2 * k) + [err]
                 writer.writerows(rows[i] for i in sorted(rows))  # input order
                 stream.flush()

@@ -141,9 +141,18 @@ print(json.dumps({'names': names, 'n': len(y), 'accuracy': int((logits.argmax(-1
 """
 
 
+def no_network() -> list[str]:
+    """A command prefix running it in a network namespace of its own (no interface but loopback): `unshare -n` as
+    root, `unshare -rn` where user namespaces are allowed; none where neither works (the hub is offline by env)."""
+    for prefix in (["unshare", "-n"], ["unshare", "-rn"]):
+        if shutil.which("unshare") and subprocess.run(prefix + ["true"], capture_output=True).returncode == 0:
+            return prefix
+    return []
+
+
 def run_alone(script: str, export: Path, test_dir: Path, tmp_path: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, str(export), str(test_dir), "8"], cwd=tmp_path,
-                          env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(no_network() + [sys.executable, "-c", script, str(export), str(test_dir), "8"],
+                          cwd=tmp_path, env={**os.environ, **OFFLINE}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -231,6 +240,21 @@ def test_eval_equals_trainer_and_maps_classes_by_name(timm_run, data, tmp_path, 
     code, _, err = cli(capsys, "eval", run, "data.name=imagefolder", f"data.path={tmp_path / 'unknown'}",
                        "--output-dir", tmp_path / "ev2")
     assert code == 2 and "['sandal']" in err and not (tmp_path / "ev2").exists()
+
+
+def test_eval_of_an_export_without_class_names(timm_run, tmp_path, capsys):
+    """An export written before class names were recorded: the data's classes are taken in label order."""
+    run, result = timm_run
+    old = tmp_path / "old_export"
+    shutil.copytree(run / "export", old)
+    (old / "mars_dist.json").unlink()
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["label_names"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    code, _, err = cli(capsys, "eval", old)
+    assert code == 0 and "records no class names" in err, err
+    got = json.loads((old / "eval" / "eval_clothes-test.json").read_text())
+    assert got["accuracy"] == result["test_accuracy"] and got["class_names"] == sorted(CLASSES.values())
 
 
 @pytest.mark.dist
