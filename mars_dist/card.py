@@ -139,7 +139,8 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
     data_text = (f"`{data_id}` ({'image folder `' + str(d.path) + '`' if d.name == 'imagefolder' else d.name}), "
                  f"{d.train_per_class if d.train_per_class is not None else 'all'} training images per class "
                  f"(seed {cfg.seed}), {d.image_size} px")
-    names = ", ".join(f"`{c}`".replace("|", "\\|") for c in class_names[:50]) + (" ..." if len(class_names) > 50 else "")
+    names = ", ".join(f"`{c}`".replace("|", "\\|") for c in class_names[:50])
+    names += " ..." if len(class_names) > 50 else ""
     facts = [
         ("Base model", f"`{cfg.model.name}` ({library})"), ("Base weights", base_text), ("Data", data_text),
         ("Classes", f"{len(class_names)}: {names}" if class_names else "not recorded"),

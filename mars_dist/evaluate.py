@@ -90,7 +90,8 @@ def metrics(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str], 
             ece += float(m.sum()) / n * abs(float(hit[m].mean()) - float(conf[m].mean()))
     confusion = torch.zeros(k, k, dtype=torch.long)
     confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
-    per_class = {class_names[c]: {"n": int(confusion[c].sum()), "accuracy": int(confusion[c, c]) / int(confusion[c].sum())}
+    per_class = {class_names[c]: {"n": int(confusion[c].sum()),
+                                  "accuracy": int(confusion[c, c]) / int(confusion[c].sum())}
                  for c in range(k) if confusion[c].sum() > 0}
     top5 = float((logits.topk(min(5, k), -1).indices == labels[:, None]).any(-1).float().mean())
     return {"n": n, "accuracy": int(hit.sum()) / n, "loss": loss_sum / n, "top5_accuracy": top5, "ece": ece,

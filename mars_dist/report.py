@@ -240,7 +240,8 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
                      _table(rows, ("data-split", "images", "accuracy", "loss", "ECE")) + "".join(imgs))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mars_dist report: "
-            f"{html.escape(run.resolve().name)}</title><style>body{{font-family:sans-serif;margin:2em;max-width:1300px}}"
+            f"{html.escape(run.resolve().name)}</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1300px}"
             "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
             "figure{margin:0}figure svg{max-width:100%;height:auto}img{max-width:48%;margin:4px}"
             "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>"

@@ -334,7 +334,8 @@ window.addEventListener('load', () => {
     const drawn = [...svg.querySelectorAll('path, image, text')].filter(e => {
       const b = e.getBBox(); return b.width > 0 || b.height > 0; });
     return {id: f.id, width: box.width, height: box.height, drawn: drawn.length,
-            images: svg.querySelectorAll('image').length, texts: [...svg.querySelectorAll('text')].map(t => t.textContent)};
+            images: svg.querySelectorAll('image').length,
+            texts: [...svg.querySelectorAll('text')].map(t => t.textContent)};
   });
   const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(charts);
   document.body.appendChild(pre);
