@@ -31,18 +31,18 @@ class ProjectionHook:
     def _after_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():
             return
-        self.last_clipped = project(self.backend.fragments(), self.backend.reduce)
+        self.last_clipped = project(self.backend.fragments(), self.backend.reduce, self.backend.packing)
         self.updates += 1
 
     def _before_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():
             return
-        self.last_penalty = add_penalty_grads(self.backend.fragments(), self.backend.reduce)
+        self.last_penalty = add_penalty_grads(self.backend.fragments(), self.backend.reduce, self.backend.packing)
         self.updates += 1
 
     def stats(self):
         """Per-layer distance / radius / layer norm (one reduce; call on logging steps, on every rank)."""
-        return measure(self.backend.fragments(), self.backend.reduce)
+        return measure(self.backend.fragments(), self.backend.reduce, self.backend.packing)
 
     def remove(self) -> None:
         for h in self._handles:

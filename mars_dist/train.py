@@ -138,6 +138,7 @@ def train(cfg: Config) -> dict:
         model, optimizer, train_loader, val_loader, test_loader)
     accelerator.register_for_checkpointing(scheduler)
     backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
+    backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
     hook = ProjectionHook(backend)
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
                 "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum()}

@@ -289,7 +289,7 @@ def test_mars_projection_properties(shape, role):
         project(fragments(c, whole, w0, [(0, w.numel())]))
         torch.testing.assert_close(whole.double(), expected, rtol=2e-6, atol=2e-6)
         after = deviation_row_norms(whole, anchor)
-        assert bool((after <= radius * (1 + 1e-6)).all())
+        assert bool((after <= radius * (1 + RELATIVE_TOLERANCE)).all())
         outside = norms_before > radius
         torch.testing.assert_close(after[outside], torch.full_like(after[outside], radius), rtol=1e-5, atol=0)
         inside = ~outside
@@ -299,7 +299,8 @@ def test_mars_projection_properties(shape, role):
         for k in (2, 3, 7):
             parts = w.clone()
             sharded(project, c, parts, w0, random_cuts(w.numel(), k, gen))
-            assert torch.equal(parts, whole), (seed, k)
+            # row sums are float32: a row cut across ranks sums in another order (ulp-level scale changes)
+            torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-6, msg=str((seed, k)))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -351,7 +352,8 @@ def test_l2_projection_properties(shape):
             for k in (2, 5):
                 parts = w.clone()
                 sharded(project, c, parts, w0, random_cuts(w.numel(), k, gen))
-                torch.testing.assert_close(parts, whole, rtol=1e-7, atol=0)
+                # float32 sums of squares, cut in other places: the norm agrees to ~1e-6 relative
+                torch.testing.assert_close(parts, whole, rtol=2e-6, atol=1e-6)
 
 
 # ---- BatchNorm and LayerNorm (diagonal layers) --------------------------------------------------------------------
@@ -412,7 +414,8 @@ def test_bn_clip_properties(n):
         assert torch.equal(again, whole)  # idempotent on the weights
         parts = w.clone()
         sharded(project, c, parts, w0, random_cuts(n, 3, gen))
-        assert torch.equal(parts, whole)
+        # the 3 simulated ranks average their (equal) running variances in float32: v/3 * 3 is within an ulp of v
+        torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
 
 
 def test_layernorm_and_embeddings_clip_elementwise():
@@ -579,7 +582,7 @@ def test_two_simulated_ranks_project_like_the_whole_tensor():
     bn = torch.cat([copies[r][1][a:b] for r, (a, b) in enumerate(bn_cuts)])
     torch.testing.assert_close(conv.double(), expect_conv, rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(bn.double(), expect_bn, rtol=2e-6, atol=1e-7)
-    assert deviation_row_norms(conv, conv_w0).max() <= 4.0 * (1 + 1e-6)
+    assert deviation_row_norms(conv, conv_w0).max() <= 4.0 * (1 + RELATIVE_TOLERANCE)
     assert torch.equal(bn_rank[0].running_var, bn_rank[1].running_var)  # both ranks hold the same mean variance
     torch.testing.assert_close(bn_rank[0].running_var, mean_var)
 
@@ -588,4 +591,6 @@ def test_two_simulated_ranks_project_like_the_whole_tensor():
     bn_one = dataclasses.replace(bn_c, running_var=bn_rank[0].running_var.clone())
     project(fragments(conv_c, whole_conv, conv_w0, [(0, conv_w.numel())])
             + fragments(bn_one, whole_bn, bn_w0, [(0, 4)]))
-    assert torch.equal(conv, whole_conv) and torch.equal(bn, whole_bn)
+    # the BN clip is elementwise (bit-identical); conv rows cut across ranks sum in another order in float32
+    torch.testing.assert_close(conv, whole_conv, rtol=1e-6, atol=1e-6)
+    assert torch.equal(bn, whole_bn)

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
+from mars_dist.constraints.packed import Packed
 from mars_dist.constraints.rules import Constraint
 
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-"""reduce(to_sum, to_average) -> (summed over ranks, averaged over ranks); both float64 1-D. A backend does this
+"""reduce(to_sum, to_average) -> (summed over ranks, averaged over ranks); both float32 1-D. A backend does this
 with ONE collective (e.g. all-reduce of [to_sum, to_average / world]); replicated backends (DDP) need not sum
 partials that are already whole."""
 
@@ -35,65 +36,190 @@ class Fragment:
     grad: torch.Tensor | None = None
 
 
-def _running_vars(fragments: Sequence[Fragment]) -> list[torch.Tensor]:
-    seen, out = set(), []
-    for frag in fragments:
-        var = frag.constraint.running_var
-        if frag.constraint.role == "bn" and var is not None and id(var) not in seen:
-            seen.add(id(var))
-            out.append(var)
+def _packed(fragments: Sequence[Fragment], packing: Packed | None) -> Packed:
+    """The caller's layout (a backend computes it once), or a fresh one for a one-off call."""
+    if packing is None:
+        return Packed(fragments)
+    if packing.n != len(fragments):
+        raise ValueError(f"layout of {packing.n} fragments used with {len(fragments)}")
+    return packing
+
+
+def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
+    """Per global row: is its constraint L2? And whether any selected row constraint is MARS / L2."""
+    cons = [p.cons[k] for k in p.row_cons]
+    chosen = [want(c) for c in cons]
+    is_l2 = torch.tensor([c.norm == "l2" for c in cons], dtype=torch.bool, device=p.device)[p.row_con] \
+        if cons else torch.zeros(0, dtype=torch.bool, device=p.device)
+    return (is_l2, any(ch and c.norm != "l2" for c, ch in zip(cons, chosen)),
+            any(ch and c.norm == "l2" for c, ch in zip(cons, chosen)))
+
+
+def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
+    """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq)."""
+    out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
+    scratch = p.scratch()
+    for ch in p.chunks:
+        m = scratch[:ch.anchor.numel()].view_as(ch.anchor)
+        torch.cat(p.chunk_views(ch, ws), out=m)
+        vals = []
+        if of_w:
+            vals.append(torch.linalg.vector_norm(m, 1, dim=1))
+        m.sub_(ch.anchor)
+        if l1:
+            vals.append(torch.linalg.vector_norm(m, 1, dim=1))
+        if sq:
+            vals.append(torch.linalg.vector_norm(m, 2, dim=1).square())
+        for o, v in zip(out, vals):
+            o.index_add_(0, ch.rows, v)
+    if p.pieces:
+        raw = torch.cat(p.piece_views(ws))
+        d = raw - p.piece_anchor
+        vals = ([raw.abs()] if of_w else []) + ([d.abs()] if l1 else []) + ([d * d] if sq else [])
+        for o, v in zip(out, vals):
+            o.index_add_(0, p.piece_rows, p.piece_sums(v))
     return out
 
 
-def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
-    if not parts:
-        return torch.zeros(0, dtype=torch.float64)
-    return torch.cat([p.detach().flatten().to(torch.float64) for p in parts])
-
-
-def _reduce_parts(parts: list[torch.Tensor], reduce: Reduce, fragments: Sequence[Fragment] = ()) -> list[torch.Tensor]:
-    """Concatenate partial sums, reduce once, split back.
-
-    BatchNorm running variances differ per rank (each saw its own micro-batches), but the BN projection and
-    penalty must read the same values on every rank: they ride along in the same collective, averaged over ranks,
-    and the mean is written back into the buffers (a documented choice, like SyncBN for the statistics only).
-    """
-    variances = _running_vars(fragments)
-    if not parts and not variances:
-        return []
-    summed, averaged = reduce(_cat(parts), _cat(variances))
-    with torch.no_grad():
-        for var, mean in zip(variances, torch.split(averaged, [v.numel() for v in variances])):
-            var.copy_(mean.view_as(var).to(var.dtype))
-    return list(torch.split(summed, [p.numel() for p in parts])) if parts else []
-
-
-def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce) -> int:
-    """Project every fragment into its ball (PGM). Returns the number of rows/elements clipped on this rank."""
-    active = [f for f in fragments if f.constraint.action == "project" and f.constraint.radius is not None]
-    sums = [f for f in active if f.constraint.projection_slots()]
-    totals = _reduce_parts([f.constraint.projection_partial(f.w, f.anchor, f.offset) for f in sums], reduce,
-                           active)
-    by_frag = dict(zip(map(id, sums), totals))
+def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, packing: Packed | None = None) -> int:
+    """Project every fragment into its ball (PGM), with one reduce. Returns the number of rows (MARS), tensors
+    (L2) and diagonal elements clipped."""
+    p = _packed(fragments, packing)
+    ws = [f.w for f in fragments]
+    projecting = lambda c: c.action == "project" and c.radius is not None  # noqa: E731
+    is_l2, l1, sq = _row_kinds(p, projecting)
+    parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
+    totals, averaged = reduce(torch.cat(parts) if parts else torch.zeros(0, device=p.device), p.running_vars())
+    p.write_running_vars(averaged)  # the BatchNorm clip below reads the averaged variances
     clipped = 0
     with torch.no_grad():
-        for f in active:
-            clipped += f.constraint.project_(f.w, f.anchor, f.offset, by_frag.get(id(f)))
+        if l1 or sq:
+            radius = p.row_radius()
+            scale = torch.ones(p.num_rows, device=p.device)
+            if l1:
+                scale = torch.where(is_l2, scale, Packed.scales(totals[:p.num_rows], radius))
+            if sq:
+                con_sq = torch.zeros(len(p.row_cons), device=p.device).index_add_(0, p.row_con, totals[-p.num_rows:])
+                con_r = p._radii(p.row_cons, torch.arange(len(p.row_cons), device=p.device))
+                con_scale = Packed.scales(con_sq.sqrt(), con_r)
+                scale = torch.where(is_l2, con_scale[p.row_con], scale)
+                clipped -= int(((con_scale < 1)[p.row_con] & is_l2).sum()) - int((con_scale < 1).sum())
+            clipped += int((scale < 1).sum())
+            if bool((scale < 1).any()):
+                _rescale_rows(p, ws, scale)
+        clipped += _clip_diag(p, ws)
     return clipped
 
 
-def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce) -> float:
-    """Add the penalty gradients (SP methods) to each fragment's grad; return the total penalty value."""
-    active = [f for f in fragments if f.constraint.penalty_slots()]
-    totals = _reduce_parts([f.constraint.penalty_partial(f.w, f.anchor, f.offset) for f in active], reduce,
-                           active)
-    value = 0.0
+def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
+    """W <- lerp(W0, W, s) per row, computed on the packed chunk and copied back with one foreach: torch's lerp
+    returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0) otherwise, where 1 - s is exact (Sterbenz), so the
+    row lands on its radius to rounding and a row with s = 1 is returned bit-exactly. (An in-place
+    `_foreach_lerp_(W, W0, 1 - s)` would read fewer bytes but rounds 1 - s: 1e-5 off the radius for s ~ 1e-2.)"""
+    scratch = p.scratch()
+    for ch in p.chunks:
+        views = p.chunk_views(ch, ws)
+        m = scratch[:ch.anchor.numel()].view_as(ch.anchor)
+        torch.lerp(ch.anchor, torch.cat(views, out=m), scale[ch.rows].unsqueeze(1), out=m)
+        torch._foreach_copy_(views, list(m.split([b[2] for b in ch.blocks])))
+    if p.pieces:
+        lengths = p.piece_lengths.tolist()
+        views = p.piece_views(ws)
+        new = torch.lerp(p.piece_anchor, torch.cat(views), scale[p.piece_elem_row])
+        torch._foreach_copy_(views, list(new.split(lengths)))
+
+
+def _clip_diag(p: Packed, ws) -> int:
+    """Diagonal layers: each element (BatchNorm: its effective scale) clipped to within radius of its anchor."""
+    radius = p.diag_radius()
+    if not p.diag or not bool(torch.isfinite(radius).any()):
+        return 0
+    w, d, denom = p.diag_values(ws)
+    lo, hi = p.diag_anchor - radius, p.diag_anchor + radius
+    over = (d < lo) | (d > hi)
+    count = int(over.sum())
+    if count:
+        new = torch.where(over, torch.clamp(d, lo, hi) * denom, w)
+        torch._foreach_copy_([ws[i] for i in p.diag], list(new.split([p.numels[i] for i in p.diag])))
+    return count
+
+
+def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce,
+                      packing: Packed | None = None) -> float:
+    """Add the penalty gradients (SP methods) to each fragment's grad; return the total penalty value:
+    lambda ||D||_MARS (rows), lambda ||d - d0||_1 (diagonal), lambda ||D||_F^2 (L2; no 1/2)."""
+    p = _packed(fragments, packing)
+    ws, gs = [f.w for f in fragments], [f.grad for f in fragments]
+    penalised = lambda c: c.action == "penalty" and c.weight != 0  # noqa: E731
+    is_l2, l1, sq = _row_kinds(p, penalised)
+    parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
+    diag_w = torch.tensor([p.cons[k].weight if penalised(p.cons[k]) else 0.0 for k in p.diag_cons],
+                          device=p.device)
+    diag_l2 = torch.tensor([p.cons[k].norm == "l2" for k in p.diag_cons], dtype=torch.bool, device=p.device)
+    if p.diag_cons:  # every rank sends the same buffer layout, also one holding no diagonal element
+        _, d, denom = p.diag_values(ws)
+        dev = d - p.diag_anchor
+        elem_l2 = diag_l2[p.diag_con]
+        parts.append(torch.zeros(len(p.diag_cons), device=p.device).index_add_(
+            0, p.diag_con, torch.where(elem_l2, dev * dev, dev.abs())))
+    if not parts:
+        return 0.0
+    totals, averaged = reduce(torch.cat(parts), p.running_vars())
+    p.write_running_vars(averaged)
+    value, coef = 0.0, None
     with torch.no_grad():
-        for f, tot in zip(active, totals):
-            value += f.constraint.penalty_value(tot)
-            if f.grad is not None:
-                f.constraint.add_penalty_grad_(f.grad, f.w, f.anchor, f.offset, tot)
+        if l1 or sq:
+            row_w = torch.tensor([p.cons[k].weight if penalised(p.cons[k]) else 0.0 for k in p.row_cons],
+                                 device=p.device)
+            rows = totals[:p.num_rows] if l1 else None
+            con_l1_max = torch.segment_reduce(rows, "max", lengths=p.row_lengths) if l1 else None
+            con_sq = torch.segment_reduce(totals[int(l1) * p.num_rows:(int(l1) + 1) * p.num_rows], "sum",
+                                          lengths=p.row_lengths) if sq else None
+            cons_l2 = torch.tensor([p.cons[k].norm == "l2" for k in p.row_cons], device=p.device)
+            if l1:  # d max_r ||D_r||_1 / dW = sign(D) on the arg-max row (the first on ties)
+                at_max = rows == con_l1_max[p.row_con]
+                idx = torch.arange(p.num_rows, device=p.device)
+                first = torch.full((len(p.row_cons),), p.num_rows, device=p.device, dtype=torch.long)
+                first.scatter_reduce_(0, p.row_con[at_max], idx[at_max], "amin")
+                coef = torch.where(idx == first[p.row_con], row_w[p.row_con], torch.zeros_like(rows))
+                value += float((row_w * torch.where(cons_l2, torch.zeros_like(con_l1_max), con_l1_max)).sum())
+            if sq:
+                coef_l2 = 2.0 * row_w[p.row_con]
+                coef = coef_l2 if coef is None else torch.where(is_l2, coef_l2, coef)
+                value += float((row_w * torch.where(cons_l2, con_sq, torch.zeros_like(con_sq))).sum())
+            _add_row_grads(p, ws, gs, coef, is_l2)
+        if p.diag_cons:
+            diag_tot = totals[-len(p.diag_cons):]
+            value += float((diag_w * diag_tot).sum())
+            wt = diag_w[p.diag_con]
+            g = torch.where(elem_l2, 2.0 * dev, torch.sign(dev)) * wt / denom
+            keep = [j for j, i in enumerate(p.diag) if gs[i] is not None]
+            parts_g = g.split([p.numels[i] for i in p.diag])
+            if keep:
+                torch._foreach_add_([gs[p.diag[j]] for j in keep], [parts_g[j].to(gs[p.diag[j]].dtype) for j in keep])
     return value
+
+
+def _add_row_grads(p: Packed, ws, gs, coef: torch.Tensor, is_l2: torch.Tensor) -> None:
+    """grad += coef_row * (sign(D) for MARS rows, D for L2 rows), chunk by chunk."""
+    scratch = p.scratch()
+    for ch in p.chunks:
+        keep = [j for j, b in enumerate(ch.blocks) if gs[b[0]] is not None]
+        if not keep:
+            continue
+        m = p.chunk_deviation(ch, ws, scratch)
+        m.copy_(torch.where(is_l2[ch.rows].unsqueeze(1), m, m.sign()) * coef[ch.rows].unsqueeze(1))
+        deltas = m.split([b[2] for b in ch.blocks])
+        grads = p.chunk_views(ch, [g if g is not None else w for g, w in zip(gs, ws)])
+        torch._foreach_add_([grads[j] for j in keep], [deltas[j] for j in keep])
+    if p.pieces:
+        d = p.piece_deviation(ws)
+        delta = torch.where(is_l2[p.piece_elem_row], d, d.sign()) * coef[p.piece_elem_row]
+        parts = delta.split(p.piece_lengths.tolist())
+        views = p.piece_views([g if g is not None else w for g, w in zip(gs, ws)])
+        keep = [j for j, (i, _, _) in enumerate(p.pieces) if gs[i] is not None]
+        if keep:
+            torch._foreach_add_([views[j] for j in keep], [parts[j] for j in keep])
 
 
 @dataclass
@@ -115,28 +241,44 @@ class LayerStats:
         return self.distance / self.radius if self.radius else float("nan")
 
 
-def measure(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce) -> list[LayerStats]:
-    """Per-parameter distance, layer norm and fraction of rows at the bound (one reduce for all)."""
-    parts = []
-    for f in fragments:
-        d = f.constraint.deviation(f.w, f.anchor, f.offset)
-        parts.append(torch.cat([f.constraint.telemetry_partial(f.w, f.anchor, f.offset),
-                                (d * d).sum(dtype=torch.float64).reshape(1)]))
-    totals = _reduce_parts(parts, reduce, fragments)
-    stats = []
-    for f, tot in zip(fragments, totals):
-        c = f.constraint
-        dist_rows, norm_rows, sq = tot[:c.num_rows], tot[c.num_rows:2 * c.num_rows], tot[-1]
-        radius = c.radius if c.action == "project" else None
-        if radius is not None and c.norm == "l2" and c.kind == "rows":
-            at_bound = float(math.sqrt(float(sq)) >= radius * (1 - 1e-5))
-        elif radius is not None:
-            at_bound = float((dist_rows >= radius * (1 - 1e-5)).double().mean())
-        else:
-            at_bound = 0.0
-        stats.append(LayerStats(c.name, c.role, radius, float(dist_rows.max()), float(norm_rows.max()),
-                                at_bound, math.sqrt(float(sq))))
-    return stats
+def measure(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce,
+            packing: Packed | None = None) -> list[LayerStats]:
+    """Per-fragment distance, layer norm and fraction of rows at the bound (one reduce for all)."""
+    p = _packed(fragments, packing)
+    ws = [f.w for f in fragments]
+    parts = _row_partials(p, ws, True, True, of_w=True)  # |W|, |D|, D^2 per global row
+    if p.diag:
+        _, d, _ = p.diag_values(ws)
+        dev = d - p.diag_anchor
+        for v in (dev.abs(), d.abs(), dev * dev):
+            parts.append(torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, v))
+    else:
+        parts += [torch.zeros(p.diag_total, device=p.device)] * 3
+    totals, averaged = reduce(torch.cat(parts), p.running_vars())
+    p.write_running_vars(averaged)
+    R, E = p.num_rows, p.diag_total
+    w_rows, d_rows, sq_rows = totals[:R], totals[R:2 * R], totals[2 * R:3 * R]
+    d_el, w_el, sq_el = totals[3 * R:3 * R + E], totals[3 * R + E:3 * R + 2 * E], totals[3 * R + 2 * E:]
+    stats_of = {}
+    for kind, cons, lengths, dist, norm, sq in (("rows", p.row_cons, p.row_lengths, d_rows, w_rows, sq_rows),
+                                                ("diag", p.diag_cons, p.diag_lengths, d_el, w_el, sq_el)):
+        if not cons:
+            continue
+        dmax = torch.segment_reduce(dist, "max", lengths=lengths).tolist()
+        nmax = torch.segment_reduce(norm, "max", lengths=lengths).tolist()
+        sqs = torch.segment_reduce(sq, "sum", lengths=lengths).tolist()
+        radius = [p.cons[k].radius if p.cons[k].action == "project" else None for k in cons]
+        r_el = torch.tensor([r if r is not None else math.inf for r in radius], device=p.device)
+        r_el = torch.repeat_interleave(r_el, lengths)
+        at = torch.segment_reduce((dist >= r_el * (1 - 1e-5)).float(), "mean", lengths=lengths).tolist()
+        for j, k in enumerate(cons):
+            c, r = p.cons[k], radius[j]
+            if r is not None and c.norm == "l2" and c.kind == "rows":
+                frac = float(math.sqrt(sqs[j]) >= r * (1 - 1e-5))
+            else:
+                frac = at[j] if r is not None else 0.0
+            stats_of[k] = LayerStats(c.name, c.role, r, dmax[j], nmax[j], frac, math.sqrt(sqs[j]))
+    return [stats_of[p.con_of[i]] for i in range(len(fragments))]
 
 
 def bound_term(stats: Sequence[LayerStats]) -> float:

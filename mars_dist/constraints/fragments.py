@@ -81,9 +81,10 @@ def row_values(per_row: torch.Tensor, offset: int, n: int, row_len: int) -> torc
 
 
 # Rows whose norm exceeds the radius by less than this (relative) count as inside: after a rescale, fp32 rounding
-# of the scaled elements leaves the row sum within ~1e-7 of the radius, and re-scaling such rows again and again
-# would make the projection drift instead of being idempotent.
-RELATIVE_TOLERANCE = 1e-6
+# of the scaled elements leaves the row sum within ~1e-7 of the radius, and the packed engine (constraints/packed.py)
+# sums rows in float32 (relative error up to ~2e-6 measured on rows of 768-1152 elements); re-scaling such rows
+# again and again would make the projection drift instead of being idempotent. The tests check the bound to 5e-5.
+RELATIVE_TOLERANCE = 1e-5
 
 
 def radial_scales(norms: torch.Tensor, radius: float) -> torch.Tensor:

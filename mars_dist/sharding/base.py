@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mars_dist.constraints import Constraint, Fragment
+from mars_dist.constraints.packed import Packed
 
 
 class Backend:
@@ -14,9 +15,31 @@ class Backend:
     """
 
     name = "base"
+    world_size = 1
+    packing: Packed | None = None
+    """The packed layout of this rank's fragments and their anchors (constraints/packed.py), built once."""
 
     def __init__(self, constraints: list[Constraint]):
         self.constraints = constraints
+
+    def pack(self, fragments: list[Fragment]) -> None:
+        """Compute the layout once from this rank's fragments, reading their anchors now (before any update).
+        BatchNorm running variances ride in the collective only where they can differ: several ranks (and the
+        trainer switches it off for frozen statistics, `sync_batchnorm_statistics(False)`)."""
+        self.packing = Packed(fragments, average_running_vars=self.world_size > 1)
+
+    def sync_batchnorm_statistics(self, enabled: bool) -> None:
+        """Average BatchNorm running variances across ranks at each update (BN in train mode) or not (frozen)."""
+        if self.packing is not None:
+            self.packing.average_running_vars = enabled and self.world_size > 1
+
+    @property
+    def anchors(self) -> list[torch.Tensor | None]:
+        """This rank's anchor fragments, one flat tensor per constraint (copies out of the packed storage; None for
+        the head, anchored at zero)."""
+        if self.packing is None:
+            return [None] * len(self.constraints)
+        return [self.packing.anchor(i) for i in range(len(self.constraints))]
 
     # the optimizer whose step hooks fire once per real fp32 update
     def hook_optimizer(self) -> torch.optim.Optimizer:
@@ -74,18 +97,18 @@ class Backend:
 
         check_anchor_layout(state["layout"], self.layout())
         for i, c in enumerate(self.constraints):
-            if self.anchors[i] is not None:
-                self.anchors[i].copy_(state["anchors"][c.name])
+            if c.name in state["anchors"]:
+                self.packing.set_anchor(i, state["anchors"][c.name])
 
     def anchor_checksum(self) -> list[float]:
         """Layout-free checksum of all anchors (sum, sum of squares, index-weighted sum), reduced over ranks."""
         frags = self.fragments()
         parts = []
-        for f in frags:
-            if f.anchor is None:
+        for f, anchor in zip(frags, self.anchors):
+            if anchor is None:
                 parts.append(torch.zeros(3, dtype=torch.float64))
                 continue
-            a = f.anchor.detach().to("cpu", torch.float64)
+            a = anchor.detach().to("cpu", torch.float64)
             idx = torch.arange(f.offset, f.offset + a.numel(), dtype=torch.float64) % 9973 + 1
             parts.append(torch.stack([a.sum(), (a * a).sum(), (a * idx).sum()]))
         buf = torch.stack(parts).sum(0) if parts else torch.zeros(3, dtype=torch.float64)

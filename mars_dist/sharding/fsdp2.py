@@ -55,8 +55,8 @@ class FSDP2Backend(Backend):
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
         rebind_running_vars(constraints, model)
-        self.anchors: list[torch.Tensor | None] = [None] * len(constraints)
-        self.anchors = [c.anchor_fragment(f.w, f.offset) for c, f in zip(constraints, self.fragments())]
+        self.pack([Fragment(c, f.w, c.anchor_fragment(f.w, f.offset), f.offset)
+                   for c, f in zip(constraints, self.fragments())])
         self.phase = "pre" if any(c.action == "penalty" for c in constraints) else "post"
         self.finishers: list = []
         self._finish_pending = False
@@ -73,8 +73,8 @@ class FSDP2Backend(Backend):
         return t.to_local().detach().reshape(-1)  # a view: to_local of the parameter is the master itself
 
     def fragments(self) -> list[Fragment]:
-        return [Fragment(c, self._local(p), a, off, None if p.grad is None else self._local(p.grad))
-                for c, p, a, off in zip(self.constraints, self.params, self.anchors, self.offsets)]
+        return [Fragment(c, self._local(p), None, off, None if p.grad is None else self._local(p.grad))
+                for c, p, off in zip(self.constraints, self.params, self.offsets)]
 
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.params[0].device if self.params else to_sum.device  # NCCL needs the GPU
@@ -111,10 +111,11 @@ class FSDP2Backend(Backend):
 
 
     def anchor_dtensors(self) -> dict[str, DTensor]:
-        """The anchors as Shard(0) DTensors sharing storage with the live anchors, for torch.distributed.checkpoint
-        ({"model", "optim", "anchor": this}); DCP loads in place and can reshard to another world size."""
+        """The anchors as Shard(0) DTensors (copies of the packed anchors), for torch.distributed.checkpoint
+        ({"model", "optim", "anchor": this}); DCP can reshard to another world size. After a DCP load, pass the
+        same dict to `load_anchor_dtensors`."""
         out = {}
-        for c, p, a in zip(self.constraints, self.params, self.anchors):
+        for c, p, a in zip(self.constraints, self.params, self.anchors):  # copies: loaded back by name below
             if a is not None:
                 local = a.view(p.to_local().shape)
                 out[c.name] = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
@@ -124,8 +125,8 @@ class FSDP2Backend(Backend):
     def load_anchor_dtensors(self, anchors: dict[str, DTensor]) -> None:
         """Copy anchors loaded by DCP (a no-op when DCP filled the tensors of `anchor_dtensors` in place)."""
         for i, c in enumerate(self.constraints):
-            if self.anchors[i] is not None:
-                self.anchors[i].copy_(anchors[c.name].to_local().reshape(-1))
+            if c.name in anchors:
+                self.packing.set_anchor(i, anchors[c.name].to_local().reshape(-1))
 
     def remove(self) -> None:
         self._handle.remove()

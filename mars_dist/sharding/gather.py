@@ -32,8 +32,9 @@ class GatherBackend(Backend):
         self.process_group = sharded.process_group
         self._full: list[torch.Tensor] | None = None
         # Whole anchors on every rank, read from the gathered masters now (before any update).
-        self.anchors = [c.anchor_fragment(self.sharded.full_param(i), 0) for i, c in enumerate(self.constraints)]
-        sharded.anchors = [None] * len(self.constraints)  # the reference holds whole anchors only
+        whole = [self.sharded.full_param(i) for i in range(len(self.constraints))]
+        self.pack([Fragment(c, w, c.anchor_fragment(w, 0), 0) for c, w in zip(self.constraints, whole)])
+        sharded.packing = None  # the reference holds whole anchors only
         sharded.finishers.insert(0, self._write_back)
         self.phase = "pre" if any(c.action == "penalty" for c in self.constraints) else "post"
         if self.phase == "pre" and getattr(sharded, "num_groups", 1) > 1:
@@ -54,8 +55,8 @@ class GatherBackend(Backend):
         """Penalty gradients of the whole parameters; each rank adds its part to its fp32 grad fragment. (The
         ProjectionHook then evaluates the same penalty again on fragments without grads, for its value.)"""
         grads = [torch.zeros_like(w) for w in self._full]
-        frags = [Fragment(c, w, a, 0, g) for c, w, a, g in zip(self.constraints, self._full, self.anchors, grads)]
-        add_penalty_grads(frags, self.reduce)
+        frags = [Fragment(c, w, None, 0, g) for c, w, g in zip(self.constraints, self._full, grads)]
+        add_penalty_grads(frags, self.reduce, self.packing)
         for f, full_grad in zip(self.sharded.fragments(), grads):
             if f.grad is not None and f.w.numel():
                 f.grad.add_(full_grad[f.offset:f.offset + f.w.numel()])
@@ -67,7 +68,7 @@ class GatherBackend(Backend):
             [self.sharded.full_param(i) for i in range(len(self.constraints))]
         if self.phase == "pre":
             self._full = None  # the step about to run changes the weights: these copies are for this call only
-        return [Fragment(c, w, a, 0, None) for c, w, a in zip(self.constraints, full, self.anchors)]
+        return [Fragment(c, w, None, 0, None) for c, w in zip(self.constraints, full)]
 
     def _write_back(self) -> None:
         if self._full is None:
@@ -104,8 +105,8 @@ class GatherBackend(Backend):
 
     def load_anchor_state(self, state: dict) -> None:
         for i, c in enumerate(self.constraints):
-            if self.anchors[i] is not None:
-                self.anchors[i].copy_(state["anchors"][c.name])
+            if c.name in state["anchors"]:
+                self.packing.set_anchor(i, state["anchors"][c.name])
 
     def remove(self) -> None:
         self.sharded.remove()

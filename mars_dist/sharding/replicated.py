@@ -25,8 +25,9 @@ class ReplicatedBackend(Backend):
             raise KeyError(f"constrained parameters not found in the model: {missing[:5]}")
         self.params = [params[c.name] for c in constraints]
         # Anchors are read from the weights as they are now (pretrained, before any update).
-        self.anchors = [c.anchor_fragment(p.detach().view(-1), 0) for c, p in zip(constraints, self.params)]
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.pack([Fragment(c, p.detach().view(-1), c.anchor_fragment(p.detach().view(-1), 0), 0)
+                   for c, p in zip(constraints, self.params)])
 
     def full_shapes(self) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in self.params]
@@ -35,8 +36,8 @@ class ReplicatedBackend(Backend):
         return self.optimizer
 
     def fragments(self) -> list[Fragment]:
-        return [Fragment(c, p.data.view(-1), a, 0, None if p.grad is None else p.grad.view(-1))
-                for c, p, a in zip(self.constraints, self.params, self.anchors)]
+        return [Fragment(c, p.data.view(-1), None, 0, None if p.grad is None else p.grad.view(-1))
+                for c, p in zip(self.constraints, self.params)]
 
     def reduce(self, to_sum, to_average):
         if self.world_size > 1 and to_average.numel():
@@ -52,4 +53,4 @@ class ReplicatedBackend(Backend):
     def load_anchor_state(self, state: dict) -> None:
         for i, c in enumerate(self.constraints):
             if c.name in state["anchors"]:
-                self.anchors[i] = state["anchors"][c.name].to(self.params[i].device)
+                self.packing.set_anchor(i, state["anchors"][c.name])

@@ -78,10 +78,10 @@ class ZeroBackend(Backend):
             raise KeyError(f"constrained parameters not found in the DeepSpeed module: {missing[:5]}")
         group_of = {id(p): k for k, ps in enumerate(self._param_lists()) for p in ps}
         self.slots = [self._slot(params[c.name], group_of[id(params[c.name])], c) for c in constraints]
-        self.anchors: list[torch.Tensor | None] = [None] * len(constraints)
         # Anchors: read from the master right after prepare (= the pretrained weights; bf16: bf16(pretrained),
         # which is exactly what DeepSpeed initialised the master from). Same layout as the fragments.
-        self.anchors = [c.anchor_fragment(f.w, f.offset) for c, f in zip(constraints, self.fragments())]
+        self.pack([Fragment(c, f.w, c.anchor_fragment(f.w, f.offset), f.offset)
+                   for c, f in zip(constraints, self.fragments())])
         actions = {c.action for c in constraints}
         self.phase = "pre" if "penalty" in actions else "post"
         if self.num_groups > 1 and {"penalty", "project"} <= actions:
@@ -140,10 +140,10 @@ class ZeroBackend(Backend):
         buffers line up across ranks. Views are rebuilt each time: loading a checkpoint may swap the tensors."""
         flats = self.flats()
         out = []
-        for c, s, a in zip(self.constraints, self.slots, self.anchors):
+        for c, s in zip(self.constraints, self.slots):
             flat = flats[s.group]
             grad = flat.grad.narrow(0, s.start, s.numel) if flat.grad is not None else None
-            out.append(Fragment(c, flat.detach().narrow(0, s.start, s.numel), a, s.offset, grad))
+            out.append(Fragment(c, flat.detach().narrow(0, s.start, s.numel), None, s.offset, grad))
         return out
 
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,7 +187,9 @@ class ZeroBackend(Backend):
         steps = self.stepping_groups()
         if not steps or 0 in steps:
             return
-        frags = [f for f, s in zip(self.fragments(), self.slots) if s.group in steps]
+        # a sub-list of this rank's fragments: a one-off layout (penalties with several groups only)
+        frags = [Fragment(f.constraint, f.w, a, f.offset, f.grad)
+                 for f, a, s in zip(self.fragments(), self.anchors, self.slots) if s.group in steps]
         add_penalty_grads(frags, self.reduce)
 
     def _copy_to_low_precision(self, groups: list[int]) -> None:

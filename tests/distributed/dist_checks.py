@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import dist_common as common
+import pytest
 import torch
 
 from mars_dist.sharding import ReplicatedBackend
@@ -76,9 +77,11 @@ def assert_resume_exact(launch, name: str) -> None:
 def assert_gather_matches_sharded(launch, sharded: str, gather: str = "gather") -> None:
     g, s = launch.weights(gather), launch.weights(sharded)
     worst = max((g[k] - s[k]).abs().max().item() for k in g)
-    assert worst <= 1e-7, f"gather mode differs from sharded mode by {worst:.3g}"
+    # row sums are float32: a row cut across ranks (sharded) sums in another order than the whole row (gather)
+    assert worst <= 5e-7, f"gather mode differs from sharded mode by {worst:.3g}"
     assert [r["backend"] for r in launch.ranks(gather)] == ["gather", "gather"]
-    assert launch.ranks(gather)[0]["ratio_master"] == launch.ranks(sharded)[0]["ratio_master"]
+    assert launch.ranks(gather)[0]["ratio_master"] == pytest.approx(launch.ranks(sharded)[0]["ratio_master"],
+                                                                     rel=1e-5)
 
 
 def assert_bn_running_var_averaged(launch) -> None:

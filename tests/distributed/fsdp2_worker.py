@@ -110,10 +110,9 @@ def resume_case(mesh, name: str, out: Path) -> tuple[dict, dict]:
     first.train(range(common.UPDATES), lambda u: u == 1 and dcp.save(checkpoint_state(first), checkpoint_id=ckpt))
     result = first.summary()
     second = Run(mesh, name)
-    with torch.no_grad():
-        for a in second.backend.anchors:
-            if a is not None:
-                a.add_(1.0)  # so that only a real load brings them back
+    for i, a in enumerate(second.backend.anchors):  # copies: perturb the packed storage itself
+        if a is not None:
+            second.backend.packing.set_anchor(i, a + 1.0)  # so that only a real load brings them back
     state = checkpoint_state(second)
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(second.model, state["model"])

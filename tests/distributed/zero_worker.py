@@ -118,10 +118,12 @@ class Run:
         stats = self.hook.stats()
         bn = [c.running_var.detach().double().sum().item() for c in self.constraints if c.role == "bn"]
         frags = self.backend.fragments()
-        bf16_anchor_err = max((float((f.anchor - self.pretrained[f.constraint.name].reshape(-1)[
-            f.offset:f.offset + f.w.numel()]).abs().max()) for f in frags
-            if f.anchor is not None and f.constraint.role != "bn" and f.w.numel() and self.backend.name == "zero"),
-            default=0.0)
+        anchors = self.backend.anchors
+        checked = [(f, a) for f, a in zip(frags, anchors)
+                   if a is not None and f.constraint.role != "bn" and f.w.numel() and self.backend.name == "zero"]
+        assert checked or self.backend.name != "zero", "no anchor fragment to compare"
+        bf16_anchor_err = max((float((a - self.pretrained[f.constraint.name].reshape(-1)[
+            f.offset:f.offset + f.w.numel()]).abs().max()) for f, a in checked), default=0.0)
         return {**self.log, "updates": self.hook.updates, "checksum": self.backend.anchor_checksum(),
                 "zero_kind": getattr(self.backend, "kind", ""),
                 "active_layers": sum(s.frac_at_bound > 0 for s in stats if s.radius is not None),
@@ -134,7 +136,7 @@ def fallback_sync(run: Run) -> dict:
     for c in run.constraints:
         if c.radius is not None:
             c.radius *= 0.5
-    project(run.backend.fragments(), run.backend.reduce)
+    project(run.backend.fragments(), run.backend.reduce, run.backend.packing)
     masters, forward = full_weights(run.engine, run.stage)
     stale = max_diff(masters, forward)  # the trap: edits after the step do not reach forward by themselves
     run.backend.sync_forward_weights()
@@ -172,10 +174,9 @@ def resume_case(acc: Accelerator, base: dict, name: str, out: Path) -> tuple[dic
     first.train(range(common.UPDATES), save)
     result = first.summary()
     second = Run(acc, base, name)
-    with torch.no_grad():
-        for a in second.backend.anchors:
-            if a is not None:
-                a.add_(1.0)  # so that only a real load brings them back
+    for i, a in enumerate(second.backend.anchors):  # copies: perturb the packed storage itself
+        if a is not None:
+            second.backend.packing.set_anchor(i, a + 1.0)  # so that only a real load brings them back
     second.only_me()
     acc.load_state(str(ckpt))
     other = torch.load(ckpt / f"anchors_rank{1 - second.rank}.pt")

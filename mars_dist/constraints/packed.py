@@ -1,0 +1,264 @@
+"""The constraint math on ALL of a rank's fragments at once: a layout computed once, a handful of tensor ops per update.
+
+A rank holds fragments (flat fp32 views) of many parameters. Looping over them costs per tensor — Python, and on a
+GPU a kernel launch — so the layout sorts every fragment once into:
+- row blocks: runs of whole rows, bucketed by row length L and packed into chunks of at most `chunk_elems`
+  elements. Per update a chunk is ONE (rows, L) matrix: `cat` of the blocks' views, minus the chunk's anchor matrix
+  (anchors are stored here, already in that order), one row reduction. Writes go back with one `_foreach_` call.
+- pieces: the partial rows where a sharded optimizer cut a row (at most two per fragment), summed with one
+  `segment_reduce`;
+- diagonal elements (BatchNorm effective scales, LayerNorm, embeddings), clipped elementwise on one concatenation.
+Row values land in one vector over the GLOBAL rows of all row constraints; that vector (plus the BatchNorm running
+variances when they can differ across ranks) is the one buffer the caller reduces across ranks. So the number of
+ops per update depends on the number of chunks and row lengths, not on the number of tensors.
+
+Row sums are float32 (torch's reductions sum pairwise/cascaded, not sequentially); the bound is checked to the
+relative tolerance the tests use (5e-5) on every backend. Rows inside their ball are bit-exact no-ops: the rescale
+is `lerp(W, W0, 1 - s)`, which returns W exactly when s = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mars_dist.constraints.fragments import RELATIVE_TOLERANCE, row_segments
+
+CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 scratch per chunk
+
+
+def _radius(c) -> float:
+    return c.radius if c.action == "project" and c.radius is not None else math.inf
+
+
+def _anchor_of(f) -> torch.Tensor:
+    """The fragment's anchor, flat; zeros for the head (anchored at zero). A centred constraint without one is a
+    caller error: a backend's fragments carry no anchors (they live in its `packing`), pass that layout instead."""
+    if f.anchor is not None:
+        return f.anchor.reshape(-1)
+    if f.constraint.centered:
+        raise ValueError(f"fragment of {f.constraint.name!r} has no anchor: pass the backend's `packing` (the "
+                         f"layout that holds the anchors) to project / measure / add_penalty_grads")
+    return torch.zeros_like(f.w)
+
+
+@dataclass
+class _Chunk:
+    length: int                          # row length L
+    blocks: list[tuple[int, int, int]]   # (fragment, first element, rows)
+    rows: torch.Tensor                   # global row index of each row (int64)
+    anchor: torch.Tensor                 # (rows, L)
+
+
+class Packed:
+    """Layout of a list of fragments (one per constraint and rank; the same constraint may appear more than once
+    only when the caller simulates several ranks). `fragments[i].anchor` is read once here and stored packed."""
+
+    def __init__(self, fragments, chunk_elems: int = CHUNK_ELEMS, average_running_vars: bool = True):
+        self.n = len(fragments)
+        self.device = next((f.w.device for f in fragments), torch.device("cpu"))
+        self.average_running_vars = average_running_vars
+        self.offsets = [f.offset for f in fragments]
+        self.numels = [f.w.numel() for f in fragments]
+        self.cons = []
+        con_index: dict[int, int] = {}
+        for f in fragments:
+            if id(f.constraint) not in con_index:
+                con_index[id(f.constraint)] = len(self.cons)
+                self.cons.append(f.constraint)
+        self.con_of = [con_index[id(f.constraint)] for f in fragments]
+        self._layout_rows(fragments, chunk_elems)
+        self._layout_diag(fragments)
+
+    # ---- layout (once) ----------------------------------------------------------------------------------------
+    def _layout_rows(self, fragments, chunk_elems: int) -> None:
+        base, total, per_con = {}, 0, []
+        for k, c in enumerate(self.cons):
+            if c.kind == "rows":
+                base[k], total = total, total + c.num_rows
+                per_con.append(k)
+        self.row_cons = per_con
+        self.num_rows = total
+        dev = self.device
+        self.row_lengths = torch.tensor([self.cons[k].num_rows for k in per_con], dtype=torch.long, device=dev)
+        rank_of = {k: j for j, k in enumerate(per_con)}
+        self.row_con = torch.repeat_interleave(torch.arange(len(per_con), device=dev), self.row_lengths) \
+            if per_con else torch.zeros(0, dtype=torch.long, device=dev)
+        self.row_con_pos = rank_of
+        blocks: dict[int, list] = {}
+        pieces, piece_rows, piece_anchor = [], [], []
+        for i, f in enumerate(fragments):
+            c, k = f.constraint, self.con_of[i]
+            if c.kind != "rows" or not f.w.numel():
+                continue
+            a = _anchor_of(f)
+            for start, stop, row, rows in row_segments(f.offset, f.w.numel(), c.row_len):
+                if stop - start == rows * c.row_len:
+                    blocks.setdefault(c.row_len, []).append((i, start, rows, base[k] + row, a))
+                else:
+                    pieces.append((i, start, stop))
+                    piece_rows.append(base[k] + row)
+                    piece_anchor.append(a[start:stop])
+        self.chunks = []
+        for length, items in sorted(blocks.items()):
+            per = max(1, chunk_elems // length)
+            cur, cur_rows, cur_anchor = [], [], []
+            for i, start, rows, row0, a in items:
+                done = 0
+                while done < rows:
+                    take = min(rows - done, per - sum(b[2] for b in cur))
+                    s = start + done * length
+                    cur.append((i, s, take))
+                    cur_rows.append(torch.arange(row0 + done, row0 + done + take))
+                    cur_anchor.append(a[s:s + take * length].view(take, length))
+                    done += take
+                    if sum(b[2] for b in cur) == per:
+                        self._add_chunk(length, cur, cur_rows, cur_anchor)
+                        cur, cur_rows, cur_anchor = [], [], []
+            if cur:
+                self._add_chunk(length, cur, cur_rows, cur_anchor)
+        self.pieces = pieces
+        self.piece_rows = torch.tensor(piece_rows, dtype=torch.long, device=dev)
+        self.piece_lengths = torch.tensor([b - a for _, a, b in pieces], dtype=torch.long, device=dev)
+        self.piece_anchor = torch.cat(piece_anchor).to(dev, torch.float32) if pieces else \
+            torch.zeros(0, device=dev)
+        self.piece_elem_row = torch.repeat_interleave(self.piece_rows, self.piece_lengths)
+
+    def _add_chunk(self, length, blocks, rows, anchors) -> None:
+        self.chunks.append(_Chunk(length, list(blocks), torch.cat(rows).to(self.device),
+                                  torch.cat(anchors).to(self.device, torch.float32).contiguous()))
+
+    def _layout_diag(self, fragments) -> None:
+        dev = self.device
+        self.diag = [i for i, f in enumerate(fragments) if f.constraint.kind == "diag" and f.w.numel()]
+        base, total = {}, 0
+        for k, c in enumerate(self.cons):
+            if c.kind == "diag":
+                base[k], total = total, total + c.numel
+        self.diag_total = total
+        self.diag_cons = [k for k in range(len(self.cons)) if self.cons[k].kind == "diag"]
+        self.diag_lengths = torch.tensor([self.cons[k].numel for k in self.diag_cons], dtype=torch.long, device=dev)
+        idx, anchor, is_bn, con = [], [], [], []
+        for i in self.diag:
+            f, k = fragments[i], self.con_of[i]
+            c, n = f.constraint, f.w.numel()
+            idx.append(torch.arange(base[k] + f.offset, base[k] + f.offset + n))
+            anchor.append(_anchor_of(f).float())
+            is_bn.append(torch.full((n,), c.role == "bn"))
+            con.append(torch.full((n,), self.diag_cons.index(k)))
+        cat = lambda xs, dt: torch.cat(xs).to(dev, dt) if xs else torch.zeros(0, dtype=dt, device=dev)  # noqa
+        self.diag_index, self.diag_anchor = cat(idx, torch.long), cat(anchor, torch.float32)
+        self.diag_is_bn = cat(is_bn, torch.bool)
+        self.diag_con = cat(con, torch.long)
+        self.bn_vars = []  # distinct live running-variance buffers (averaged across ranks when they can differ)
+        for c in self.cons:
+            if c.role == "bn" and c.running_var is not None and all(v is not c.running_var for v in self.bn_vars):
+                self.bn_vars.append(c.running_var)
+
+    # ---- anchors (checkpoints, checksums) -----------------------------------------------------------------
+    def anchor(self, i: int) -> torch.Tensor | None:
+        """Fragment i's anchor as one flat tensor (a copy), None for the head (anchored at zero)."""
+        c = self.cons[self.con_of[i]]
+        if not c.centered:
+            return None
+        out = torch.zeros(self.numels[i], device=self.device)
+        self._anchor_parts(i, lambda part, packed: part.copy_(packed.reshape(-1)), out)
+        return out
+
+    def set_anchor(self, i: int, value: torch.Tensor) -> None:
+        """Overwrite fragment i's stored anchor (restoring a checkpoint under the same layout)."""
+        value = value.reshape(-1).to(self.device, torch.float32)
+        self._anchor_parts(i, lambda part, packed: packed.copy_(part.view_as(packed)), value)
+
+    def _anchor_parts(self, i: int, fn, flat: torch.Tensor) -> None:
+        for ch in self.chunks:
+            at = 0
+            for j, s, rows in ch.blocks:
+                if j == i:
+                    fn(flat[s:s + rows * ch.length], ch.anchor[at:at + rows])
+                at += rows
+        at = 0
+        for j, s, e in self.pieces:
+            if j == i:
+                fn(flat[s:e], self.piece_anchor[at:at + e - s])
+            at += e - s
+        at = 0
+        for j in self.diag:
+            n = self.numels[j]
+            if j == i:
+                fn(flat, self.diag_anchor[at:at + n])
+            at += n
+
+    # ---- per-update building blocks ------------------------------------------------------------------------
+    def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[i][s:s + rows * ch.length].view(rows, ch.length) for i, s, rows in ch.blocks]
+
+    def chunk_deviation(self, ch: _Chunk, ws: list[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
+        """D = W - W0 of the chunk as a (rows, L) matrix in `scratch`."""
+        out = scratch[:ch.anchor.numel()].view_as(ch.anchor)
+        torch.cat(self.chunk_views(ch, ws), out=out)
+        return out.sub_(ch.anchor)
+
+    def piece_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [tensors[i][s:e] for i, s, e in self.pieces]
+
+    def piece_deviation(self, ws: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(self.piece_views(ws)) - self.piece_anchor if self.pieces else self.piece_anchor
+
+    def piece_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(values, "sum", lengths=self.piece_lengths) if self.pieces else values
+
+    def diag_values(self, ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W, d = W / denominator, denominator) of all diagonal elements; denominator 1 except for BatchNorm."""
+        if not self.diag:
+            z = torch.zeros(0, device=self.device)
+            return z, z, z
+        w = torch.cat([ws[i] for i in self.diag])
+        parts = []
+        for i in self.diag:
+            c, n = self.cons[self.con_of[i]], self.numels[i]
+            if c.role == "bn":
+                parts.append(c._bn_denominator(c.running_var, self.offsets[i], n).to(self.device))
+            else:
+                parts.append(torch.ones(n, device=self.device))
+        denom = torch.cat(parts)
+        return w, w / denom, denom
+
+    def scratch(self) -> torch.Tensor:
+        size = max((ch.anchor.numel() for ch in self.chunks), default=0)
+        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
+            self._scratch = torch.empty(size, device=self.device)
+        return self._scratch
+
+    def running_vars(self) -> torch.Tensor:
+        if not (self.average_running_vars and self.bn_vars):
+            return torch.zeros(0, device=self.device)
+        return torch.cat([v.detach().reshape(-1).to(self.device, torch.float32) for v in self.bn_vars])
+
+    def write_running_vars(self, averaged: torch.Tensor) -> None:
+        if not (self.average_running_vars and self.bn_vars):
+            return
+        with torch.no_grad():
+            for v, mean in zip(self.bn_vars, torch.split(averaged, [v.numel() for v in self.bn_vars])):
+                v.copy_(mean.view_as(v).to(v.dtype))
+
+    def _radii(self, cons: list[int], index: torch.Tensor) -> torch.Tensor:
+        # read at every call: radii may change during training (a caller's schedule, learned radii)
+        r = [_radius(self.cons[k]) for k in cons]
+        return torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
+
+    def row_radius(self) -> torch.Tensor:
+        """Per global row: the radius of a projected row constraint, inf otherwise."""
+        return self._radii(self.row_cons, self.row_con)
+
+    def diag_radius(self) -> torch.Tensor:
+        """Per local diagonal element: the radius of a projected diagonal constraint, inf otherwise."""
+        return self._radii(self.diag_cons, self.diag_con)
+
+    @staticmethod
+    def scales(norms: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        """min(1, radius / norm), exactly 1 where norm <= radius * (1 + RELATIVE_TOLERANCE)."""
+        over = norms > radius * (1 + RELATIVE_TOLERANCE)
+        return torch.where(over, radius / torch.where(over, norms, torch.ones_like(norms)), torch.ones_like(norms))
