@@ -90,7 +90,7 @@ def train(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save(cfg, out / "config.yaml")
     stop = _StopFlag()
-    resume_from = ckpt.resolve_resume(cfg.resume, out)  # a bad resume path fails now, before any heavy work
+    resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,

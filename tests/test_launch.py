@@ -150,11 +150,11 @@ def test_bad_resume_path_is_named(capsys, tmp_path, case):
         ckpt.mkdir()
         (ckpt / "trainer_state.json").write_text('{"step": 3, "epo')
         resume, expected = str(ckpt), f"unreadable checkpoint state {ckpt / 'trainer_state.json'}"
-    elif case == "corrupt_latest":  # resume=auto picks the newest complete checkpoint, which is damaged
+    elif case == "corrupt_latest":  # resume=PATH names a damaged checkpoint (resume=auto would skip it)
         latest = out / "checkpoints" / "step_00000004"
         latest.mkdir(parents=True)
         (latest / "trainer_state.json").write_text("not json")
-        resume, expected = "auto", f"unreadable checkpoint state {latest / 'trainer_state.json'}"
+        resume, expected = str(latest), f"unreadable checkpoint state {latest / 'trainer_state.json'}"
     else:
         resume, expected = str(tmp_path / "nope"), f"checkpoint directory not found: {tmp_path / 'nope'}"
     code, err = cli(capsys, *SINGLE, f"output_dir={out}", f"resume={resume}")
