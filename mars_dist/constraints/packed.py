@@ -104,19 +104,19 @@ class Packed:
         self.chunks = []
         for length, items in sorted(blocks.items()):
             per = max(1, chunk_elems // length)
-            cur, cur_rows, cur_anchor = [], [], []
+            cur, cur_rows, cur_anchor, filled = [], [], [], 0
             for i, start, rows, row0, a in items:
                 done = 0
                 while done < rows:
-                    take = min(rows - done, per - sum(b[2] for b in cur))
+                    take = min(rows - done, per - filled)
                     s = start + done * length
                     cur.append((i, s, take))
                     cur_rows.append(torch.arange(row0 + done, row0 + done + take))
                     cur_anchor.append(a[s:s + take * length].view(take, length))
-                    done += take
-                    if sum(b[2] for b in cur) == per:
+                    done, filled = done + take, filled + take
+                    if filled == per:
                         self._add_chunk(length, cur, cur_rows, cur_anchor)
-                        cur, cur_rows, cur_anchor = [], [], []
+                        cur, cur_rows, cur_anchor, filled = [], [], [], 0
             if cur:
                 self._add_chunk(length, cur, cur_rows, cur_anchor)
         self.pieces = pieces
@@ -192,13 +192,42 @@ class Packed:
             at += n
 
     # ---- per-update building blocks ------------------------------------------------------------------------
-    def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [tensors[i][s:s + rows * ch.length].view(rows, ch.length) for i, s, rows in ch.blocks]
+    def bind(self, tensors: list[torch.Tensor]) -> None:
+        """Fix the tensors (one flat fp32 view per fragment) that the next chunk_views calls use. Views are cached
+        while the fragments are the same memory: building thousands of views per update costs more than the
+        arithmetic on small models. (A cached view keeps its storage alive, so an equal data_ptr means the same
+        memory.)"""
+        key = tuple(t.data_ptr() for t in tensors)
+        cache = self.__dict__.setdefault("_views", {})
+        if cache.get("key") != key:
+            cache.clear()
+            cache["key"] = key
+        self._bound = tensors
 
-    def chunk_deviation(self, ch: _Chunk, ws: list[torch.Tensor], scratch: torch.Tensor) -> torch.Tensor:
-        """D = W - W0 of the chunk as a (rows, L) matrix in `scratch`."""
-        out = scratch[:ch.anchor.numel()].view_as(ch.anchor)
-        torch.cat(self.chunk_views(ch, ws), out=out)
+    def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """(rows, L) views of the chunk's blocks: of `tensors` (not cached), or of the bound fragments."""
+        if tensors is not None:
+            return [tensors[i][s:s + rows * ch.length].view(rows, ch.length) for i, s, rows in ch.blocks]
+        cache = self._views
+        views = cache.get(id(ch))
+        if views is None:
+            views = cache[id(ch)] = self.chunk_views(ch, self._bound)
+        return views
+
+    def scratch_blocks(self, ch: _Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The chunk's (rows, L) matrix in the shared scratch, and its split into the blocks (cached)."""
+        scratch = self.scratch()
+        cache = self.__dict__.setdefault("_scratch_views", {})
+        hit = cache.get(id(ch))
+        if hit is None or hit[0].data_ptr() != scratch.data_ptr():
+            m = scratch[:ch.anchor.numel()].view_as(ch.anchor)
+            hit = cache[id(ch)] = (m, list(m.split([b[2] for b in ch.blocks])))
+        return hit
+
+    def chunk_deviation(self, ch: _Chunk) -> torch.Tensor:
+        """D = W - W0 of the chunk (bound fragments) as a (rows, L) matrix in the scratch."""
+        out, _ = self.scratch_blocks(ch)
+        torch.cat(self.chunk_views(ch), out=out)
         return out.sub_(ch.anchor)
 
     def piece_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -36,8 +36,11 @@ class ReplicatedBackend(Backend):
         return self.optimizer
 
     def fragments(self) -> list[Fragment]:
-        return [Fragment(c, p.data.view(-1), None, 0, None if p.grad is None else p.grad.view(-1))
-                for c, p in zip(self.constraints, self.params)]
+        if getattr(self, "_flat", None) is None or any(f.data_ptr() != p.data_ptr()
+                                                       for f, p in zip(self._flat, self.params)):
+            self._flat = [p.data.view(-1) for p in self.params]  # cached: rebuilt only if a parameter moved
+        return [Fragment(c, w, None, 0, None if p.grad is None else p.grad.view(-1))
+                for c, w, p in zip(self.constraints, self._flat, self.params)]
 
     def reduce(self, to_sum, to_average):
         if self.world_size > 1 and to_average.numel():
