@@ -58,6 +58,15 @@ def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int, drop_la
                                        generator=generator, drop_last=drop_last)
 
 
+def updates_per_epoch(batches: int, processes: int, grad_accum: int) -> int:
+    """Optimizer updates in one epoch of `batches` (the unsharded loader's length, drop_last): each process gets
+    batches // processes of them (accelerate drops the incomplete last round), and accelerate's `accumulate` ends
+    the epoch with a partial update over the remainder (sync at end_of_dataloader), hence the ceil. 0 when one
+    process sees fewer micro-batches than one whole update: refused."""
+    per_process = batches // processes
+    return 0 if per_process < grad_accum else math.ceil(per_process / grad_accum)
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator) -> dict:
     model.eval()
@@ -121,7 +130,7 @@ def train(cfg: Config) -> dict:
     val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
     test_loader = _loader(test_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
 
-    per_epoch = len(train_loader) // (accelerator.num_processes * cfg.train.grad_accum)
+    per_epoch = updates_per_epoch(len(train_loader), accelerator.num_processes, cfg.train.grad_accum)
     if per_epoch == 0:
         raise ValueError(f"train split has {len(train_ds)} images: fewer than one update of batch_size "
                          f"{cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} x {accelerator.num_processes} "
@@ -207,7 +216,7 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
             if step >= total_updates:
                 done = True
-            flag = torch.tensor([float(stop.raised)])
+            flag = torch.tensor([float(stop.raised)], device=accelerator.device)  # NCCL refuses CPU tensors
             stop_now = float(accelerator.reduce(flag, "sum")) > 0
             every = cfg.checkpoint.every_steps
             if stop_now or (every and step % every == 0 and not done):
