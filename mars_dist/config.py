@@ -119,6 +119,18 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int | None = None
     keep_last: int = 2
+    resume_allow_changes: list[str] = field(default_factory=list)
+    """Keys of RESUME_MATH_KEYS (or 'all') that a resume may change from the checkpoint's config; any other change
+    to one of them is refused, naming the keys."""
+
+
+# A resume that changes one of these changes the math of the run (mars_dist.resume_guard).
+RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
+                    "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
+                    "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "train.optimizer",
+                    "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
+                    "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
+                    "train.max_steps", "train.epochs", "seed")
 
 
 @dataclass
@@ -291,6 +303,12 @@ def validate(cfg: Config, source: str = "config") -> Config:
         lo_hi = getattr(cfg.sweep, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise ConfigError(f"{source}: 'sweep.{key}' = {lo_hi!r} must be [low, high] with 0 < low <= high")
+    for i, key in enumerate(cfg.checkpoint.resume_allow_changes):
+        if key not in RESUME_MATH_KEYS and key != "all":
+            close = difflib.get_close_matches(key, RESUME_MATH_KEYS, n=1, cutoff=0.5)
+            raise ConfigError(f"{source}: 'checkpoint.resume_allow_changes[{i}]' = {key!r} is not one of the keys a "
+                              f"resume checks ({', '.join(RESUME_MATH_KEYS)}) or 'all'"
+                              + (f"; did you mean '{close[0]}'?" if close else ""))
     if cfg.sweep.metric not in ("val_accuracy", "test_accuracy"):
         raise ConfigError(f"{source}: 'sweep.metric' = {cfg.sweep.metric!r} is not one of val_accuracy, test_accuracy")
     if cfg.data.name == "imagefolder" and not cfg.data.path:

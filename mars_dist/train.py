@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mars_dist import checkpoint as ckpt
+from mars_dist import resume_guard
 from mars_dist.card import write_model_card
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
@@ -136,7 +137,6 @@ def train(cfg: Config) -> dict:
                          f"{cfg.train.batch_size} x grad_accum {cfg.train.grad_accum} x {accelerator.num_processes} "
                          f"processes; lower train.batch_size or raise data.train_per_class")
     total_updates = cfg.train.max_steps or per_epoch * cfg.train.epochs
-    epochs = math.ceil(total_updates / per_epoch)
 
     optimizer = build_optimizer(model, cfg.train.optimizer, cfg.train.lr, cfg.train.weight_decay,
                                 cfg.train.momentum, cfg.train.amsgrad)
@@ -150,12 +150,14 @@ def train(cfg: Config) -> dict:
     backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
     hook = ProjectionHook(backend)
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
-                "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum()}
+                "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum(),
+                "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes)}
 
     # ---- resume ----
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume_from is not None:
         saved = ckpt.read_state(resume_from)
+        resume_guard.check(saved, cfg, accelerator.num_processes, resume_from, accelerator.print)
         ckpt.check_identity(saved, identity, resume_from)
         accelerator.load_state(str(resume_from))
         step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
@@ -182,7 +184,7 @@ def train(cfg: Config) -> dict:
     t_last = time.perf_counter()
     samples = 0
     done = step >= total_updates
-    while not done and epoch < epochs:
+    while not done:  # every epoch makes >= 1 update (per_epoch > 0), also after a resume under another layout
         train_loader.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         loader = accelerator.skip_first_batches(train_loader, batch_in_epoch) if batch_in_epoch else train_loader
@@ -237,8 +239,8 @@ def train(cfg: Config) -> dict:
             _set_train_mode(model, cfg.train.bn_mode)
     bar.close()
 
-    final_epoch = epoch + 1 if batch_in_epoch == 0 or done else epoch
-    ckpt.save_checkpoint(accelerator, out, step, state(final_epoch, 0), cfg.checkpoint.keep_last)
+    # the position where training stopped (mid-epoch under max_steps): a longer run resumed from here goes on
+    ckpt.save_checkpoint(accelerator, out, step, state(epoch, batch_in_epoch), cfg.checkpoint.keep_last)
     test = evaluate(model, test_loader, accelerator)
     stats = hook.stats()
     result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["n"],

@@ -1,0 +1,85 @@
+"""A resume that changes the math (issue #10 part 3): refused naming the keys unless checkpoint.resume_allow_changes
+lists them; the batch layout is recorded and a change of it is printed in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mars_dist import checkpoint as ckpt
+from mars_dist import config, resume_guard
+
+
+def cfg_of(*overrides: str) -> config.Config:
+    return config.load(None, list(overrides))
+
+
+def test_allow_list_is_validated():
+    with pytest.raises(config.ConfigError, match=r"'checkpoint.resume_allow_changes\[1\]' = 'train.lrr' is not one "
+                                                 r"of the keys .*did you mean 'train.lr'"):
+        cfg_of("checkpoint.resume_allow_changes=[seed, train.lrr]")
+    assert cfg_of("checkpoint.resume_allow_changes=[all]").checkpoint.resume_allow_changes == ["all"]
+
+
+def _state(cfg, world=1):
+    return {"config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, world)}
+
+
+def test_math_changes_are_refused_naming_every_key():
+    saved = _state(cfg_of("train.lr=0.01", "constraint.groups=[{pattern: 'blocks.0.*', radius: 2.0}]"))
+    now = cfg_of("train.lr=0.02", "seed=3", "constraint.groups=[{pattern: 'blocks.0.*', radius: 3.0}]")
+    with pytest.raises(ckpt.CheckpointError) as err:
+        resume_guard.check(saved, now, 1, "CK", print)
+    msg = str(err.value)
+    assert "checkpoint CK was made with another config:" in msg
+    for part in ("train.lr 0.01 -> 0.02", "seed 0 -> 3", "'radius': 2.0}] -> [{", "resume_allow_changes=["
+                 "constraint.groups,seed,train.lr]"):
+        assert part in msg, msg
+    notes = []  # allowed: one note naming the changes
+    allowed = cfg_of("train.lr=0.02", "seed=3", "constraint.groups=[{pattern: 'blocks.0.*', radius: 3.0}]",
+                     "checkpoint.resume_allow_changes=[train.lr, seed, constraint.groups]")
+    resume_guard.check(saved, allowed, 1, "CK", notes.append)
+    assert len(notes) == 1 and "config changed" in notes[0] and "seed 0 -> 3" in notes[0]
+
+
+def test_run_length_matters_only_for_cosine():
+    resume_guard.check(_state(cfg_of("train.scheduler=constant", "train.max_steps=4")),
+                       cfg_of("train.scheduler=constant", "train.max_steps=8"), 1, "CK", print)
+    with pytest.raises(ckpt.CheckpointError, match="train.max_steps 4 -> 8"):
+        resume_guard.check(_state(cfg_of("train.max_steps=4")), cfg_of("train.max_steps=8"), 1, "CK", print)
+
+
+def test_layout_change_is_one_line():
+    notes = []
+    resume_guard.check(_state(cfg_of("train.batch_size=4", "train.grad_accum=2"), world=2),
+                       cfg_of("train.batch_size=4", "train.grad_accum=4"), 1, "CK", notes.append)
+    assert notes == ["resume: layout changed: world size 2 -> 1, micro batch 4, grad accum 2 -> 4, global batch 16"]
+
+
+@pytest.mark.slow
+def test_trainer_refuses_then_allows_a_changed_lr(tmp_path, capsys):
+    from mars_dist.train import train
+
+    def tiny(*overrides: str):
+        return cfg_of(f"output_dir={tmp_path}", "data.image_size=32", "data.train_per_class=4",
+                      "data.val_per_class=1", "data.test_limit=20", "train.batch_size=8", "train.lr=3e-3",
+                      "train.scheduler=constant", "train.eval_every_epoch=false", "tracking.wandb_mode=disabled",
+                      *overrides)
+
+    train(tiny("train.max_steps=2"))
+    saved = {p: p.read_bytes() for p in Path(tmp_path, "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(ckpt.CheckpointError, match=r"train.lr 0.003 -> 0.001, train.weight_decay 0.0 -> 0.1; "
+                                                   r"refusing to resume"):
+        train(tiny("train.max_steps=3", "resume=auto", "train.lr=1e-3", "train.weight_decay=0.1"))
+    assert {p: p.read_bytes() for p in Path(tmp_path, "checkpoints").rglob("*") if p.is_file()} == saved
+    capsys.readouterr()
+    result = train(tiny("train.max_steps=3", "resume=auto", "train.lr=1e-3", "train.grad_accum=2",
+                        "checkpoint.resume_allow_changes=[train.lr]"))
+    assert result["updates"] == 3
+    out = capsys.readouterr().out
+    assert "resume: config changed (allowed by checkpoint.resume_allow_changes): train.lr 0.003 -> 0.001" in out
+    assert "resume: layout changed: world size 1, micro batch 8, grad accum 1 -> 2, global batch 8 -> 16" in out
+    state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path))
+    assert state["layout"] == {"world_size": 1, "micro_batch": 8, "grad_accum": 2, "global_batch": 16}
+    assert state["config"]["train.lr"] == 1e-3
