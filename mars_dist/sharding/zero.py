@@ -64,9 +64,15 @@ class ZeroBackend(Backend):
             raise NotImplementedError(f"ZeroBackend needs ZeRO stage 1-3 over a torch optimizer; got stage "
                                       f"{self.stage} with {type(self.optimizer).__name__}")
         if getattr(self.zero, "offload_optimizer", False) or getattr(self.zero, "cpu_offload", False):
-            raise NotImplementedError("zero_optimization.offload_optimizer: the sharded projection edits the fp32 "
-                                      "master in place, which offloaded masters do not allow (copies); disable "
-                                      "offload or use constraint.mode: gather")
+            # Measured with DeepSpeed 0.19.8 (2 CPU processes, SGD, 3 updates, constraint.method=none): ZeRO-2 and
+            # ZeRO-3 with offload_optimizer end 0.11 away from the single-process run (without offload: 2e-7), and
+            # torch warns that the client optimizer's step() was never called: DeepSpeed does not step the
+            # optimizer we hook, so neither the update nor an in-step projection can be trusted there.
+            raise NotImplementedError(
+                "zero_optimization.offload_optimizer is not supported: with a torch optimizer DeepSpeed 0.19.8 does "
+                "not step it the way the projection hooks it (without any constraint the weights already differ "
+                "from a single-process run by 0.11 after 3 updates); remove offload_optimizer from the DeepSpeed "
+                "config (ZeRO-3 partitions the masters across ranks already)")
         self.process_group = self.zero.dp_process_group
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
@@ -147,11 +153,13 @@ class ZeroBackend(Backend):
         return out
 
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.flats()[0].device  # the collective's device (NCCL needs the GPU)
-        buf = torch.cat([to_sum.to(device), to_average.to(device) / self.world_size])
+        # the collective runs on the engine's device (NCCL refuses CPU tensors, and offloaded masters are on the
+        # CPU); results go back to where the partial sums were computed
+        home = to_sum.device
+        buf = torch.cat([to_sum.to(self.engine.device), to_average.to(self.engine.device) / self.world_size])
         if buf.numel():
             dist.all_reduce(buf, group=self.process_group)
-        return buf[:to_sum.numel()], buf[to_sum.numel():]
+        return buf[:to_sum.numel()].to(home), buf[to_sum.numel():].to(home)
 
     # ---- where in the DeepSpeed step we are ------------------------------------------------------------------
     def stepping_groups(self) -> list[int]:
