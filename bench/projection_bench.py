@@ -11,7 +11,8 @@ reports per update:
   low-precision re-copy (everything the projection adds to the step), mean over updates, max over ranks;
 - update time: forward + backward + optimizer step including the projection;
 - bytes the projection communicates per update, counted ANALYTICALLY from what is sent: sharded = one all-reduce
-  of the float64 buffer (partial row sums + BN running variances); gather = one all-gather of every constrained
+  of the float32 buffer (partial row sums, + BN running variances with --bn-mode train); gather = one all-gather of
+  every constrained
   fp32 parameter (ZeRO-3: world * ceil(numel/world) elements; FSDP2: world * ceil(rows/world) rows) plus the same
   running-variance all-reduce. Given as payload (buffer size) and per-rank ring traffic (all-reduce moves
   2 (N-1)/N x payload per rank, all-gather (N-1)/N x payload);
@@ -45,6 +46,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--updates", type=int, default=3, help="measured updates (after one warm-up update)")
     ap.add_argument("--radius", type=float, default=0.05)
     ap.add_argument("--head-radius", type=float, default=0.5)
+    ap.add_argument("--bn-mode", choices=["train", "eval"], default="eval",
+                    help="train: BN running variances ride in the projection's collective (they differ per rank)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "projection_cpu2.json"))
     return ap.parse_args()
 
@@ -67,15 +70,17 @@ def shard_fsdp2(model, mesh) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def traffic(backend, constraints, world: int, mode: str) -> dict:
-    """Analytic bytes of the projection's collectives per update (see the module docstring)."""
+def traffic(backend, constraints, world: int, mode: str, bn_train: bool) -> dict:
+    """Analytic bytes of the projection's collectives per update (see the module docstring): float32 partial row
+    sums of every row constraint (one per output row; the packed engine sends per-row values for L2 too), plus the
+    BatchNorm running variances only when BN trains on several ranks (`bn_train`)."""
     import math
 
-    bn_vars = sum(c.numel for c in constraints if c.role == "bn")
-    slots = sum(c.projection_slots() for c in constraints)
-    var_payload = 8 * bn_vars
+    bn_vars = sum(c.numel for c in constraints if c.role == "bn") if bn_train else 0
+    rows = sum(c.num_rows for c in constraints if c.kind == "rows")
+    var_payload = 4 * bn_vars
     if mode == "sharded":
-        payload = 8 * (slots + bn_vars)
+        payload = 4 * rows + var_payload
         return {"payload_bytes": payload, "per_rank_bytes": 2 * (world - 1) / world * payload,
                 "collectives": 1}
     sharded = backend.sharded
@@ -135,6 +140,7 @@ def measure(name: str, kind: str, mode: str, args, mesh) -> dict:
             opt.step()
             opt.zero_grad()
 
+    backend.sync_batchnorm_statistics(args.bn_mode == "train")
     # Timer: an own post hook registered BEFORE the projection hook starts it, a global post hook registered
     # AFTER the backend's (global hooks run after every own hook, in order) stops it.
     reduce, waits = backend.reduce, []
@@ -174,7 +180,7 @@ def measure(name: str, kind: str, mode: str, args, mesh) -> dict:
               "update_s": float(local[1]), "projection_fraction": float(local[0] / local[1]),
               "in_reduce_s": float(local[2]),
               "anchor_bytes_per_rank_max": int(anchor_bytes[0]), "params_x4_over_N": 4 * n_params / world,
-              **traffic(backend, constraints, world, mode)}
+              **traffic(backend, constraints, world, mode, args.bn_mode == "train")}
     hook.remove()
     start.remove()
     stop.remove()
