@@ -78,7 +78,7 @@ def main() -> None:
         ax.plot(xs, [row["gather_ms"] for row in m["by_ranks"]], "--", color=line.get_color(),
                 label=f"{label} gather")
     ax.set(xscale="log", yscale="log", xlabel="data-parallel ranks", ylabel="projection ms / update (model)",
-           title="Projection time per update, sharded vs gather (model, H200-class assumptions)")
+           title="Projection per update, sharded vs gather (model)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(ROOT / "bench/results/scaling.png", dpi=120)
