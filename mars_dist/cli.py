@@ -20,7 +20,14 @@ def _train(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     from mars_dist.train import train  # heavy imports only when training
 
-    result = train(cfg)
+    from mars_dist import elastic
+
+    try:
+        result = train(cfg)
+    except Exception as err:  # a lost rank: requeue (mars_dist/elastic.py); anything else as before
+        if not elastic.is_lost_rank(err):
+            raise
+        return elastic.report_lost_rank(cfg.output_dir, err)
     return 0 if result else 1
 
 

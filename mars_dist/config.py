@@ -113,6 +113,10 @@ class TrainConfig:
     """'train' (BatchNorm in training mode, as the reference) or 'eval' (frozen running statistics)."""
     log_every: int = 1
     eval_every_epoch: bool = True
+    collective_timeout_s: float = 300.0
+    """Seconds a collective (all-reduce, barrier) waits for the other ranks before failing: bounds how long a run
+    with a hung or lost rank takes to end (a killed rank is usually noticed at once). Checkpoint saves and
+    evaluation are collectives too: keep it above their duration."""
 
 
 @dataclass
@@ -192,7 +196,7 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
             "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
             "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials",
-            "train.step_size_epochs"}
+            "train.step_size_epochs", "train.collective_timeout_s"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
                 "data.num_workers", "data.val_fraction", "train.momentum"}
 

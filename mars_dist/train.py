@@ -93,7 +93,8 @@ def _set_train_mode(model, bn_mode: str) -> None:
 
 
 def train(cfg: Config) -> dict:
-    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.mixed_precision, cfg.train.grad_clip)
+    accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.mixed_precision, cfg.train.grad_clip,
+                                   cfg.train.collective_timeout_s)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:

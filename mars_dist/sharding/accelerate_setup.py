@@ -3,30 +3,40 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 
-def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | None) -> Accelerator:
+def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | None,
+                     collective_timeout_s: float | None = None) -> Accelerator:
     """An Accelerator for this machine and launcher.
 
     On CPU the process-group backend must be given (gloo), and `cpu=True` too — without it accelerate under
     torchrun reports DistributedType.NO and every process trains alone with no gradient sync — except under
-    DeepSpeed, which `cpu=True` would switch off.
+    DeepSpeed, which `cpu=True` would switch off. `collective_timeout_s` bounds every collective's wait for the
+    other ranks (torch's default is 10-30 min), so a run with a lost rank fails within it.
     """
     on_cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a gloo group only makes sense with a launcher
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
         gradient_accumulation_steps=grad_accum, mixed_precision=mixed_precision,
-        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu and launched else [],
+        kwargs_handlers=[process_group_kwargs(on_cpu, collective_timeout_s)] if launched else [],
         cpu=on_cpu and not deepspeed,
         step_scheduler_with_optimizer=False,  # the trainer steps the LR schedule once per real update
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     configure_deepspeed(accelerator, grad_clip)
     return accelerator
+
+
+def process_group_kwargs(on_cpu: bool, timeout_s: float | None) -> InitProcessGroupKwargs:
+    kwargs = {"backend": "gloo"} if on_cpu else {}
+    if timeout_s:
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    return InitProcessGroupKwargs(**kwargs)
 
 
 def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> None:
