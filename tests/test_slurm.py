@@ -281,3 +281,46 @@ def test_real_sweep_array_shares_one_study(cluster, tmp_path):
         assert t.value == _read(trial_dir / "summary.json")["val_accuracy"]
         assert (trial_dir / "export" / "model.safetensors").is_file()
     assert "sweep task 0: 1 trial(s)" in text and "sweep task 1: 1 trial(s)" in text
+
+
+def _worker_pid(rank: int, out: Path) -> int | None:
+    """The trainer process of `rank` writing to `out` (a SLURM step's process on one of the loopback nodes)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b"".join(env) and \
+                f"output_dir={out}".encode() in cmdline and b"accelerate" not in cmdline:
+            return int(proc.name)
+    return None
+
+
+def test_real_trainer_rank_killed_requeued_resumes_exactly(cluster, tmp_path, tmp_path_factory):
+    """SIGKILL of rank 1's trainer (the process on the second node) mid-run: rank 0's next collective fails, it
+    writes rank_lost.json and exits 98, both launchers exit, the batch script requeues on the marker; the next run
+    resumes from the last complete checkpoint and ends bit-identical to the uninterrupted run."""
+    import os
+    import signal
+
+    from mars_dist import checkpoint as ckpt
+
+    reference = two_process_run(tmp_path_factory)
+    out = tmp_path / "out"
+    job, log = _submit_real(cluster, tmp_path, "multinode.sbatch", PER_RANK, f"output_dir={out}",
+                            "checkpoint.every_steps=2", "checkpoint.keep_last=10", "train.collective_timeout_s=30")
+    _wait_until(cluster, job, log, lambda: len(ckpt.list_checkpoints(out)) >= 2, "two checkpoints")
+    victim = _worker_pid(1, out)
+    assert victim is not None, log.read_text()
+    os.kill(victim, signal.SIGKILL)
+    state = _wait(cluster, job, log, timeout=240)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    assert cluster.job_info(job).get("Restarts") == "1", text
+    runs = text.split("SLURM_RESTART_COUNT=")[1:]
+    assert "exiting 98 so that the job is requeued" in runs[0] and "requeueing job" in runs[0], runs[0]
+    assert _read(out / "rank_lost.json")["rank"] == 0
+    resumed = re.search(r"resumed from \S+/step_(\d+) at update (\d+)", runs[1])
+    assert resumed and int(resumed.group(1)) == int(resumed.group(2)) >= 2, runs[1]
+    assert_same_weights(reference, out, exact=True)

@@ -40,6 +40,7 @@
 #   MARS_REQUEUE_ON_TERM    1: requeue after SIGTERM too (default 0)
 
 EXIT_PREEMPTED=99
+EXIT_RANK_LOST=98  # mars_dist/elastic.py: a rank lost a peer; OUTPUT_DIR/rank_lost.json says so under accelerate launch
 
 mars_log() { echo "[mars-slurm $(date +%H:%M:%S)] $*"; }
 
@@ -170,9 +171,14 @@ _mars_on_signal() {
 # (OUTPUT_DIR/ or a sweep's OUTPUT_DIR/trial_*/) written during this run, or a failed step after SIGUSR1 (the signal
 # came before the trainer could handle it). With a shared output dir (MARS_SHARED_OUTPUT=1: a sweep's array tasks)
 # another task's marker must not count, so there a marker counts only when this task itself got the signal.
+# A lost rank (mars_dist/elastic.py: exit 98, rank_lost.json written during this run) is requeued too: resume=auto
+# continues from the last complete checkpoint (bounded by MARS_MAX_REQUEUES like a preemption).
 _mars_preempted() {
   [ "$1" -eq "$EXIT_PREEMPTED" ] && return 0
+  [ "$1" -eq "$EXIT_RANK_LOST" ] && return 0
   [ "$MARS_GOT_SIGNAL" = USR1 ] && [ "$1" -ne 0 ] && return 0
+  [ "$1" -ne 0 ] && [ -n "$(find "$OUTPUT_DIR" -maxdepth 1 -name rank_lost.json -newer "$MARS_STAMP" 2>/dev/null)" ] \
+    && return 0
   if [ -n "$MARS_GOT_SIGNAL" ] || [ "${MARS_SHARED_OUTPUT:-0}" != 1 ]; then
     [ -n "$(find "$OUTPUT_DIR" -maxdepth 2 -name preempted.json -newer "$MARS_STAMP" 2>/dev/null)" ] && return 0
   fi
@@ -207,7 +213,7 @@ mars_run_step() {
       mars_log "preempted, but already restarted ${SLURM_RESTART_COUNT:-0} times (MARS_MAX_REQUEUES); giving up"
       exit "$EXIT_PREEMPTED"
     fi
-    mars_log "preempted (trainer checkpointed, or was signalled before it could); requeueing job $SLURM_JOB_ID"
+    mars_log "preempted (trainer checkpointed, or was signalled before it could) or a rank was lost; requeueing job $SLURM_JOB_ID"
     # The controller ends this run (batch shell included) and queues the job again; nothing after this matters.
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     mars_log "scontrol requeue failed"
