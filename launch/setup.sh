@@ -31,4 +31,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+# DeepSpeed's CPU op is built once per virtual env (mars_dist sets the same default when it is imported)
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
 echo "setup: ready (.venv/bin/mars-dist)"
