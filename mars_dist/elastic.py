@@ -48,3 +48,40 @@ def report_lost_rank(output_dir: str | Path, err: BaseException) -> int:
     print(f"mars-dist train: rank {rank} lost a peer ({first}); exiting {EXIT_RANK_LOST} so that the job is "
           f"requeued and resumed from the last checkpoint", file=sys.stderr)
     return EXIT_RANK_LOST
+
+
+# ---- resuming under another data-parallel world size ----
+
+def check_world_size(saved: dict, accelerator, ckpt) -> None:
+    """DeepSpeed ZeRO checkpoints hold one optimizer partition per rank of the saving run; DeepSpeed 0.19.8 loads
+    them only under the same data-parallel world size (re-partitioning needs its universal checkpoint conversion,
+    `ds_to_universal`, which this trainer does not run). Refuse before anything is loaded. DDP / one process: the
+    model and optimizer are saved whole, accelerate's per-rank RNG files are optional: any world size loads."""
+    old = (saved.get("layout") or {}).get("world_size")
+    if old is None or old == accelerator.num_processes:
+        return
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        from mars_dist.checkpoint import CheckpointError
+
+        raise CheckpointError(
+            f"checkpoint {ckpt} holds DeepSpeed ZeRO partitions of {old} ranks; this run has "
+            f"{accelerator.num_processes}: resume with {old} processes (DeepSpeed needs the same data-parallel "
+            f"world size; converting to its universal checkpoint is not supported here)")
+
+
+def position_for_layout(saved: dict, micro_batch: int, world_size: int, note) -> int:
+    """The saved position in the epoch (micro-batches per process) under this run's layout. The seedable sampler
+    deals one global order of samples out in rounds of micro_batch x world_size, so the same number of samples
+    consumed is the same global sample: exact when a round of the new layout divides it (always when the global
+    batch is unchanged: checkpoints sit at update boundaries), else the next round below, with a note."""
+    batch = saved["batch_in_epoch"]
+    old = saved.get("layout")
+    if not old or (old["micro_batch"], old["world_size"]) == (micro_batch, world_size):
+        return batch
+    samples = batch * old["micro_batch"] * old["world_size"]
+    new_round = micro_batch * world_size
+    if samples % new_round:
+        note(f"resume: {samples} samples of epoch {saved['epoch']} were consumed, not a whole number of rounds of "
+             f"{micro_batch} x {world_size}: continuing at sample {samples // new_round * new_round} of the epoch "
+             f"(same epoch position, {samples % new_round} samples seen again)")
+    return samples // new_round

@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mars_dist import checkpoint as ckpt
-from mars_dist import resume_guard
+from mars_dist import elastic, resume_guard
 from mars_dist.card import write_model_card
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
@@ -160,8 +160,11 @@ def train(cfg: Config) -> dict:
         saved = ckpt.read_state(resume_from)
         resume_guard.check(saved, cfg, accelerator.num_processes, resume_from, accelerator.print)
         ckpt.check_identity(saved, identity, resume_from)
+        elastic.check_world_size(saved, accelerator, resume_from)
         accelerator.load_state(str(resume_from))
-        step, epoch, batch_in_epoch = saved["step"], saved["epoch"], saved["batch_in_epoch"]
+        step, epoch = saved["step"], saved["epoch"]
+        batch_in_epoch = elastic.position_for_layout(saved, cfg.train.batch_size, accelerator.num_processes,
+                                                     accelerator.print)
         accelerator.print(f"resumed from {resume_from} at update {step}")
 
     tracker = Tracker(out, to_dict(cfg), cfg.tracking.wandb_mode, cfg.tracking.project, cfg.tracking.run_name,
