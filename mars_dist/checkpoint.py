@@ -152,9 +152,18 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
 
 
 def _why(err: Exception, where: Path) -> str:
+    """The error, where, and the free space there: writers hide ENOSPC behind their own messages (torch.save:
+    "unexpected pos ...", safetensors: "I/O error"), the free space shows it."""
     if isinstance(err, OSError):
-        return f"{err.strerror or err} ({err.filename or where})"
-    return f"{err} ({type(err).__name__}, writing into {where})"
+        text = f"{err.strerror or err} ({err.filename or where})"
+    else:
+        text = f"{str(err).strip()[:300]} ({type(err).__name__}, writing into {where})"
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        text += f"; {free / 1e6:.1f} MB free there"
+    except OSError:
+        pass
+    return text
 
 
 def _agree(accelerator, error: str) -> str:

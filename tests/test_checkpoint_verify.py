@@ -163,3 +163,39 @@ def test_trainer_resumes_past_a_truncated_newest_checkpoint(tmp_path, capsys):
     a, b = load_file(str(whole / "export/model.safetensors")), load_file(str(part / "export/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert ckpt.verify(newest) is None  # rewritten whole by the resumed run
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_stop_together_on_a_full_disk(tmp_path):
+    """Two DDP processes writing to a tmpfs that holds one checkpoint and a half: the second checkpoint fails on
+    rank 0 (ENOSPC); every rank learns it and stops with one error line (no rank waits in a barrier, no requeue
+    marker); the first checkpoint is intact and verifies, the partial one is gone."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_launch import PER_RANK, ROOT, accelerate_cmd, run_env
+
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(out)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:  # a checkpoint of the tiny recipe: 27.3 MB (weights + SGD momentum); two do not fit in 40 MB
+        proc = subprocess.run(accelerate_cmd("cpu.yaml", *PER_RANK, "checkpoint.every_steps=1",
+                                             "checkpoint.keep_last=5", f"output_dir={out}"),
+                              cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode != 0, text[-3000:]
+        first = ckpt.checkpoint_root(out) / "step_00000001"
+        # which rank and which file hit the full disk first varies (torch.save then says "unexpected pos ...",
+        # safetensors "No space left on device"): every rank stops with a line naming the checkpoint
+        # (ranks' lines can interleave on one line of the captured output: count occurrences, not lines)
+        error = f"mars-dist train: CheckpointError: could not write checkpoint {ckpt.checkpoint_root(out)}/step_00000002"
+        assert text.count(error) == 2 and text.count(f"{first} is intact; stopping") == 2, text[-3000:]
+        assert " MB free there" in text, text[-3000:]
+        assert ckpt.list_checkpoints(out) == [first] and ckpt.verify(first) is None
+        assert not list(ckpt.checkpoint_root(out).glob(".tmp_step_*"))
+        assert not (out / "rank_lost.json").exists()
+    finally:
+        subprocess.run(["umount", str(out)], check=False)
