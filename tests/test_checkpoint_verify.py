@@ -124,7 +124,8 @@ def test_real_enospc_on_a_tiny_tmpfs(tmp_path):
     try:
         ckpt.save_checkpoint(accelerator, mnt, 1, {"step": 1}, keep_last=5)
         before = _tree(mnt)
-        with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint .*step_00000002: .*No space left on device"):
+        full = r"could not write checkpoint .*step_00000002: .*No space left on device"
+        with pytest.raises(ckpt.CheckpointError, match=full):
             ckpt.save_checkpoint(accelerator, mnt, 2, {"step": 2}, keep_last=1)
         assert _tree(mnt) == before
         assert auto(mnt) == (ckpt.checkpoint_root(mnt) / "step_00000001", [])
@@ -191,7 +192,8 @@ def test_two_processes_stop_together_on_a_full_disk(tmp_path):
         # which rank and which file hit the full disk first varies (torch.save then says "unexpected pos ...",
         # safetensors "No space left on device"): every rank stops with a line naming the checkpoint
         # (ranks' lines can interleave on one line of the captured output: count occurrences, not lines)
-        error = f"mars-dist train: CheckpointError: could not write checkpoint {ckpt.checkpoint_root(out)}/step_00000002"
+        root = ckpt.checkpoint_root(out)
+        error = f"mars-dist train: CheckpointError: could not write checkpoint {root}/step_00000002"
         assert text.count(error) == 2 and text.count(f"{first} is intact; stopping") == 2, text[-3000:]
         assert " MB free there" in text, text[-3000:]
         assert ckpt.list_checkpoints(out) == [first] and ckpt.verify(first) is None

@@ -83,3 +83,20 @@ def test_trainer_refuses_then_allows_a_changed_lr(tmp_path, capsys):
     state = ckpt.read_state(ckpt.latest_checkpoint(tmp_path))
     assert state["layout"] == {"world_size": 1, "micro_batch": 8, "grad_accum": 2, "global_batch": 16}
     assert state["config"]["train.lr"] == 1e-3
+
+
+def test_data_position_under_another_layout():
+    """Samples consumed in the epoch are kept: exact when a round of the new layout divides them, else the round
+    below with one note (mars_dist/elastic.py)."""
+    from mars_dist.elastic import position_for_layout
+
+    saved = {"batch_in_epoch": 3, "epoch": 1, "layout": {"world_size": 2, "micro_batch": 4}}  # 24 samples
+    notes: list[str] = []
+    assert position_for_layout(saved, 4, 2, notes.append) == 3  # same layout
+    assert position_for_layout(saved, 4, 1, notes.append) == 6  # one process: the same global sample
+    assert position_for_layout(saved, 8, 3, notes.append) == 1  # 24 samples = one round of 8 x 3
+    assert notes == []
+    assert position_for_layout(saved, 8, 2, notes.append) == 1  # 24 samples: one round of 16, 8 seen again
+    assert notes == ["resume: 24 samples of epoch 1 were consumed, not a whole number of rounds of 8 x 2: continuing "
+                     "at sample 16 of the epoch (same epoch position, 8 samples seen again)"]
+    assert position_for_layout({"batch_in_epoch": 5, "epoch": 0}, 8, 2, print) == 5  # no layout recorded

@@ -57,6 +57,6 @@ def test_zero_checkpoint_under_another_world_size_is_refused(tmp_path):
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert f"CheckpointError: checkpoint {saved} holds DeepSpeed ZeRO partitions of 2 ranks; this " \
-           f"run has 1: resume with 2 processes" in err, [line for line in err.splitlines() if "mars-dist" in line or "Error" in line]
+           f"run has 1: resume with 2 processes" in err, [line for line in err.splitlines() if "mars-dist" in line]
     assert {p: p.read_bytes() for p in saved.rglob("*") if p.is_file()} == before
     assert ckpt.latest_checkpoint(out) == saved  # nothing written, nothing removed

@@ -213,7 +213,8 @@ mars_run_step() {
       mars_log "preempted, but already restarted ${SLURM_RESTART_COUNT:-0} times (MARS_MAX_REQUEUES); giving up"
       exit "$EXIT_PREEMPTED"
     fi
-    mars_log "preempted (trainer checkpointed, or was signalled before it could) or a rank was lost; requeueing job $SLURM_JOB_ID"
+    mars_log "preempted (trainer checkpointed, or was signalled before it could), or a rank was lost;" \
+      "requeueing job $SLURM_JOB_ID"
     # The controller ends this run (batch shell included) and queues the job again; nothing after this matters.
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     mars_log "scontrol requeue failed"
