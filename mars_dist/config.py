@@ -115,8 +115,8 @@ class TrainConfig:
     eval_every_epoch: bool = True
     collective_timeout_s: float = 300.0
     """Seconds a collective (all-reduce, barrier) waits for the other ranks before failing: bounds how long a run
-    with a hung or lost rank takes to end (a killed rank is usually noticed at once). Checkpoint saves and
-    evaluation are collectives too: keep it above their duration."""
+    with a hung or lost rank takes to end (a killed rank is usually noticed at once). Keep it above the longest
+    time one rank works alone while the others wait: a checkpoint save, the final export and W&B upload."""
 
 
 @dataclass
