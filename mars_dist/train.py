@@ -102,6 +102,8 @@ def train(cfg: Config) -> dict:
         save(cfg, out / "config.yaml")
     stop = _StopFlag()
     resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
+    if resume_from is not None:
+        elastic.check_world_size(ckpt.read_state(resume_from), accelerator, resume_from)
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
@@ -160,7 +162,6 @@ def train(cfg: Config) -> dict:
         saved = ckpt.read_state(resume_from)
         resume_guard.check(saved, cfg, accelerator.num_processes, resume_from, accelerator.print)
         ckpt.check_identity(saved, identity, resume_from)
-        elastic.check_world_size(saved, accelerator, resume_from)
         accelerator.load_state(str(resume_from))
         step, epoch = saved["step"], saved["epoch"]
         batch_in_epoch = elastic.position_for_layout(saved, cfg.train.batch_size, accelerator.num_processes,
