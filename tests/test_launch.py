@@ -72,7 +72,11 @@ def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:
         if exact:
             assert torch.equal(wa[k], wb[k]), f"{k}: max diff {float((wa[k] - wb[k]).abs().max())} ({a} vs {b})"
         else:
-            torch.testing.assert_close(wb[k], wa[k], atol=2e-6, rtol=1e-5, msg=k)
+            # one vs two processes differ by gradient rounding (~1e-7); a row sitting at its radius can then be
+            # clipped in one run and not in the other (the projection is discontinuous there), and momentum carries
+            # that: measured 1.7e-5 after 12 updates with float32 row sums (6e-7 with float64 sums, by luck of which
+            # rows sat on the boundary)
+            torch.testing.assert_close(wb[k], wa[k], atol=5e-5, rtol=1e-5, msg=k)
 
 
 def reference_run(tmp_path_factory, name: str, cmd: list[str], **env: str) -> Path:
@@ -170,8 +174,9 @@ def test_checkpoint_of_another_model_is_refused(capsys, tmp_path, tmp_path_facto
                     f"resume={ckpt}")
     assert code == 2
     line = one_error_line(err)
-    assert f"checkpoint {ckpt} was made with model='tf_efficientnet_lite0', this run has model='resnet18'" in line
-    assert "refusing to resume" in line
+    # the config check (mars_dist/resume_guard.py) names the changed keys before the model identity is compared
+    assert f"checkpoint {ckpt} was made with another config: model.name" in line
+    assert "'tf_efficientnet_lite0'" in line and "'resnet18'" in line and "refusing to resume" in line
     assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing touched
 
 
