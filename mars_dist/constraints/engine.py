@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mars_dist.constraints.fragments import radial_scales
 from mars_dist.constraints.packed import Packed
 from mars_dist.constraints.rules import Constraint
 
@@ -49,8 +50,7 @@ def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
     """Per global row: is its constraint L2? And whether any selected row constraint is MARS / L2."""
     cons = [p.cons[k] for k in p.row_cons]
     chosen = [want(c) for c in cons]
-    is_l2 = torch.tensor([c.norm == "l2" for c in cons], dtype=torch.bool, device=p.device)[p.row_con] \
-        if cons else torch.zeros(0, dtype=torch.bool, device=p.device)
+    is_l2 = p.row_constraint_is_l2()[p.row_con]
     return (is_l2, any(ch and c.norm != "l2" for c, ch in zip(cons, chosen)),
             any(ch and c.norm == "l2" for c, ch in zip(cons, chosen)))
 
@@ -94,18 +94,16 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     clipped = 0
     with torch.no_grad():
         if l1 or sq:
-            radius = p.row_radius()
             scale = torch.ones(p.num_rows, device=p.device)
-            if l1:
-                scale = torch.where(is_l2, scale, Packed.scales(totals[:p.num_rows], radius))
-            if sq:
+            if l1:  # MARS: one scale per row
+                scale = torch.where(is_l2, scale, radial_scales(totals[:p.num_rows], p.row_radius()))
+                clipped += int(((scale < 1) & ~is_l2).sum())
+            if sq:  # L2: one scale per tensor, from the sum of its rows' squares
                 con_sq = torch.zeros(len(p.row_cons), device=p.device).index_add_(0, p.row_con, totals[-p.num_rows:])
-                con_r = p._radii(p.row_cons, torch.arange(len(p.row_cons), device=p.device))
-                con_scale = Packed.scales(con_sq.sqrt(), con_r)
+                con_scale = radial_scales(con_sq.sqrt(), p.row_constraint_radius())
                 scale = torch.where(is_l2, con_scale[p.row_con], scale)
-                clipped -= int(((con_scale < 1)[p.row_con] & is_l2).sum()) - int((con_scale < 1).sum())
-            clipped += int((scale < 1).sum())
-            if bool((scale < 1).any()):
+                clipped += int(((con_scale < 1) & p.row_constraint_is_l2()).sum())
+            if clipped:
                 _rescale_rows(p, ws, scale)
         clipped += _clip_diag(p, ws)
     return clipped
@@ -175,7 +173,7 @@ def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_r
             con_l1_max = torch.segment_reduce(rows, "max", lengths=p.row_lengths) if l1 else None
             con_sq = torch.segment_reduce(totals[int(l1) * p.num_rows:(int(l1) + 1) * p.num_rows], "sum",
                                           lengths=p.row_lengths) if sq else None
-            cons_l2 = torch.tensor([p.cons[k].norm == "l2" for k in p.row_cons], device=p.device)
+            cons_l2 = p.row_constraint_is_l2()
             if l1:  # d max_r ||D_r||_1 / dW = sign(D) on the arg-max row (the first on ties)
                 at_max = rows == con_l1_max[p.row_con]
                 idx = torch.arange(p.num_rows, device=p.device)

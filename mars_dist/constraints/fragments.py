@@ -87,9 +87,9 @@ def row_values(per_row: torch.Tensor, offset: int, n: int, row_len: int) -> torc
 RELATIVE_TOLERANCE = 1e-5
 
 
-def radial_scales(norms: torch.Tensor, radius: float) -> torch.Tensor:
-    """min(1, radius / norm) per entry; exactly 1 where norm <= radius * (1 + RELATIVE_TOLERANCE)."""
-    scales = torch.ones_like(norms)
+def radial_scales(norms: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+    """min(1, radius / norm) per entry (`radius` a number or one per entry); exactly 1 where
+    norm <= radius * (1 + RELATIVE_TOLERANCE)."""
+    ones = torch.ones_like(norms)
     over = norms > radius * (1 + RELATIVE_TOLERANCE)
-    scales[over] = radius / norms[over]
-    return scales
+    return torch.where(over, radius / torch.where(over, norms, ones), ones)

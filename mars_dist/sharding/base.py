@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mars_dist.constraints import Constraint, Fragment
+from mars_dist.constraints import Constraint, Fragment, full_shape
 from mars_dist.constraints.packed import Packed
 
 
@@ -23,10 +23,13 @@ class Backend:
         self.constraints = constraints
 
     def pack(self, fragments: list[Fragment]) -> None:
-        """Compute the layout once from this rank's fragments, reading their anchors now (before any update).
-        BatchNorm running variances ride in the collective only where they can differ: several ranks (and the
-        trainer switches it off for frozen statistics, `sync_batchnorm_statistics(False)`)."""
-        self.packing = Packed(fragments, average_running_vars=self.world_size > 1)
+        """Compute the layout once from this rank's fragments and read their anchors from the weights they hold now
+        (the pretrained values: call before any update). BatchNorm running variances ride in the collective only
+        where they can differ: several ranks (and the trainer switches it off for frozen statistics,
+        `sync_batchnorm_statistics(False)`)."""
+        anchored = [Fragment(f.constraint, f.w, f.constraint.anchor_fragment(f.w, f.offset), f.offset)
+                    for f in fragments]
+        self.packing = Packed(anchored, average_running_vars=self.world_size > 1)
 
     def sync_batchnorm_statistics(self, enabled: bool) -> None:
         """Average BatchNorm running variances across ranks at each update (BN in train mode) or not (frozen)."""
@@ -63,8 +66,9 @@ class Backend:
         optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""
 
     def full_shapes(self) -> list[tuple[int, ...]]:
-        """The whole shape of each constrained parameter as this backend's model holds it (not a shard's)."""
-        raise NotImplementedError
+        """The whole shape of each constrained parameter as this backend's model holds it (not a shard's; an FSDP2
+        DTensor's shape is the global one)."""
+        return [full_shape(p) for p in self.params]
 
     def verify_coverage(self) -> None:
         """Stop before the first update if any constraint would be silently skipped: a parameter with no elements,

@@ -55,15 +55,11 @@ class FSDP2Backend(Backend):
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
         rebind_running_vars(constraints, model)
-        self.pack([Fragment(c, f.w, c.anchor_fragment(f.w, f.offset), f.offset)
-                   for c, f in zip(constraints, self.fragments())])
+        self.pack(self.fragments())
         self.phase = "pre" if any(c.action == "penalty" for c in constraints) else "post"
         self.finishers: list = []
         self._finish_pending = False
         self._handle = register_after_step_hook(optimizer, self._after_projection)
-
-    def full_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.params]  # a DTensor's shape is the global one
 
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer

@@ -33,7 +33,7 @@ class GatherBackend(Backend):
         self._full: list[torch.Tensor] | None = None
         # Whole anchors on every rank, read from the gathered masters now (before any update).
         whole = [self.sharded.full_param(i) for i in range(len(self.constraints))]
-        self.pack([Fragment(c, w, c.anchor_fragment(w, 0), 0) for c, w in zip(self.constraints, whole)])
+        self.pack([Fragment(c, w, None, 0) for c, w in zip(self.constraints, whole)])
         sharded.packing = None  # the reference holds whole anchors only
         sharded.finishers.insert(0, self._write_back)
         self.phase = "pre" if any(c.action == "penalty" for c in self.constraints) else "post"

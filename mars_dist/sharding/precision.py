@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mars_dist.constraints import full_shape
+
 _LOW = (torch.bfloat16, torch.float16)
 _batch_norm = F.batch_norm  # the real one, called by the fp32 version
 
@@ -78,8 +80,7 @@ def deepspeed_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
             if full is None:
                 with deepspeed.zero.GatheredParameters([p]):
                     full = p.detach().clone()
-            shape = tuple(getattr(p, "ds_shape", None) or p.shape)
-            out[key] = full.detach().float().reshape(shape).cpu()
+            out[key] = full.detach().float().reshape(full_shape(p)).cpu()
         elif key in buffers:
             out[key] = buffers[key].detach().cpu().clone()
     return out

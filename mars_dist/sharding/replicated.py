@@ -26,11 +26,7 @@ class ReplicatedBackend(Backend):
         self.params = [params[c.name] for c in constraints]
         # Anchors are read from the weights as they are now (pretrained, before any update).
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.pack([Fragment(c, p.detach().view(-1), c.anchor_fragment(p.detach().view(-1), 0), 0)
-                   for c, p in zip(constraints, self.params)])
-
-    def full_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(p.shape) for p in self.params]
+        self.pack(self.fragments())
 
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer

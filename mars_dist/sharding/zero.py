@@ -29,7 +29,7 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from mars_dist.constraints import Constraint, Fragment, add_penalty_grads
+from mars_dist.constraints import Constraint, Fragment, add_penalty_grads, full_shape
 from mars_dist.constraints.selection import rebind_running_vars
 from mars_dist.sharding import (named_parameters, register_after_step_hook,
                                 weak_callable)
@@ -86,8 +86,7 @@ class ZeroBackend(Backend):
         self.slots = [self._slot(params[c.name], group_of[id(params[c.name])], c) for c in constraints]
         # Anchors: read from the master right after prepare (= the pretrained weights; bf16: bf16(pretrained),
         # which is exactly what DeepSpeed initialised the master from). Same layout as the fragments.
-        self.pack([Fragment(c, f.w, c.anchor_fragment(f.w, f.offset), f.offset)
-                   for c, f in zip(constraints, self.fragments())])
+        self.pack(self.fragments())
         actions = {c.action for c in constraints}
         self.phase = "pre" if "penalty" in actions else "post"
         if self.num_groups > 1 and {"penalty", "project"} <= actions:
@@ -136,7 +135,7 @@ class ZeroBackend(Backend):
         return _Slot(p, group, start, numel, mapping.lp_fragment_address.start)
 
     def full_shapes(self) -> list[tuple[int, ...]]:
-        return [tuple(getattr(s.param, "ds_shape", None) or s.param.shape) for s in self.slots]
+        return [full_shape(s.param) for s in self.slots]  # the engine's parameters, not self.params
 
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
@@ -195,10 +194,11 @@ class ZeroBackend(Backend):
         steps = self.stepping_groups()
         if not steps or 0 in steps:
             return
-        # a sub-list of this rank's fragments: a one-off layout (penalties with several groups only)
-        frags = [Fragment(f.constraint, f.w, a, f.offset, f.grad)
-                 for f, a, s in zip(self.fragments(), self.anchors, self.slots) if s.group in steps]
-        add_penalty_grads(frags, self.reduce)
+        # all fragments through the layout, grads only where this firing steps (a parameter lives in one group,
+        # so the penalty of those constraints depends on their own, still pre-update, weights only)
+        frags = [f if s.group in steps else Fragment(f.constraint, f.w, None, f.offset, None)
+                 for f, s in zip(self.fragments(), self.slots)]
+        add_penalty_grads(frags, self.reduce, self.packing)
 
     def _copy_to_low_precision(self, groups: list[int]) -> None:
         z = self.zero

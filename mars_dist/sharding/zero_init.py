@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mars_dist.constraints import full_shape
 from mars_dist.placement import Whole
 
 
@@ -97,7 +98,7 @@ class ZeroInit(Whole):
             yield dist.get_rank() == 0
 
     def shape(self, tensor: torch.Tensor) -> tuple[int, ...]:
-        return tuple(getattr(tensor, "ds_shape", None) or tensor.shape)
+        return full_shape(tensor)
 
     def load_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Buffers now; parameters (on the meta device) when `finish` partitions them."""
