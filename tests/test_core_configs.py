@@ -84,6 +84,17 @@ def test_bf16_demo_model_under_each_zero_stage(tmp_path, launch_config, bn_mode)
     assert any(not torch.equal(w, w.bfloat16().float()) for k, w in weights.items() if k.endswith("weight"))
 
 
+@pytest.mark.parametrize("kind,launch_config", [("resnet", "zero3_init.yaml"), ("vit", "zero2.yaml")])
+def test_bf16_hf_model(tmp_path, hf, kind, launch_config):
+    """Hugging Face models in bf16 (ResNet: BatchNorm, built partitioned; ViT: LayerNorm): the run completes, the
+    projection is active, and the exported fp32 masters hold the bound around bf16(pretrained)."""
+    model, _ = hf[kind]
+    run = tmp_path / "run"
+    run_cli(run, SMALL + model + ["train.batch_size=4", "train.mixed_precision=bf16"], launch_config)
+    assert projection_was_active(run)
+    assert_bound_holds(run, anchor_dtype=torch.bfloat16)
+
+
 def test_over_1000_constrained_tensors_under_zero3(tmp_path):
     """A 150-layer HF ViT (width 32): 1,203 constrained tensors, built under zero.Init, 2 updates."""
     model = write_hf_model(tmp_path / "vit150", "vit", layers=150)
