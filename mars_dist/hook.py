@@ -9,13 +9,15 @@ already inside the ball; no extra synchronisation is needed (docs/distributed-no
 from __future__ import annotations
 
 from mars_dist.constraints import add_penalty_grads, measure, project
+from mars_dist.constraints.learned import FtpSettings, LearnedRadii
 from mars_dist.sharding.base import Backend
 
 
 class ProjectionHook:
-    """Projects (PGM) after, or adds penalty gradients (SP) before, every real optimizer update."""
+    """Projects (PGM) after, or adds penalty gradients (SP) before, every real optimizer update. With learned radii
+    (mars-ftp) it also reads the gradients before the update (this rank's part of each radius gradient)."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, ftp: FtpSettings | None = None):
         self.backend = backend
         self.updates = 0
         self.last_clipped = 0
@@ -23,6 +25,10 @@ class ProjectionHook:
         self._handles = []
         actions = {c.action for c in backend.constraints}
         optimizer = backend.hook_optimizer()
+        self.learned = None
+        if any(c.learned for c in backend.constraints):
+            self.learned = LearnedRadii(backend.packing, ftp or FtpSettings())
+            self._handles.append(optimizer.register_step_pre_hook(self._read_gradients))
         if "project" in actions:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
         if "penalty" in actions:
@@ -31,8 +37,17 @@ class ProjectionHook:
     def _after_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():
             return
-        self.last_clipped = project(self.backend.fragments(), self.backend.reduce, self.backend.packing)
+        if self.learned is not None:
+            self.last_clipped = self.learned.project([f.w for f in self.backend.fragments()], self.backend.reduce)
+        else:
+            self.last_clipped = project(self.backend.fragments(), self.backend.reduce, self.backend.packing)
         self.updates += 1
+
+    def _read_gradients(self, *_args, **_kwargs) -> None:
+        # every firing: a sharded optimizer with several groups has only the stepping groups' gradients now
+        frags, stepping = self.backend.fragments(), self.backend.stepping_mask()
+        self.learned.accumulate([f.w for f in frags], [f.grad if stepping is None or stepping[i] else None
+                                                       for i, f in enumerate(frags)])
 
     def _before_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():
@@ -42,6 +57,8 @@ class ProjectionHook:
 
     def stats(self):
         """Per-layer distance / radius / layer norm (one reduce; call on logging steps, on every rank)."""
+        if self.learned is not None:
+            self.learned.sync_radii()  # the learned radii into the constraints, where measure reads them
         return measure(self.backend.fragments(), self.backend.reduce, self.backend.packing)
 
     def remove(self) -> None:

@@ -127,9 +127,10 @@ def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
         torch._foreach_copy_(views, list(new.split(lengths)))
 
 
-def _clip_diag(p: Packed, ws) -> int:
-    """Diagonal layers: each element (BatchNorm: its effective scale) clipped to within radius of its anchor."""
-    radius = p.diag_radius()
+def _clip_diag(p: Packed, ws, radius: torch.Tensor | None = None) -> int:
+    """Diagonal layers: each element (BatchNorm: its effective scale) clipped to within radius of its anchor
+    (`radius` per local diagonal element; default: the constraints' fixed radii)."""
+    radius = p.diag_radius() if radius is None else radius
     if not p.diag or not bool(torch.isfinite(radius).any()):
         return 0
     w, d, denom = p.diag_values(ws)

@@ -33,6 +33,9 @@ class Constraint:
     radius: float | None = None
     weight: float = 0.0
     """Penalty weight (SP methods)."""
+    learned: bool = False
+    """mars-ftp: the radius is learned during training (constraints/learned.py); `radius` then holds the latest
+    learned value (written back on logging steps)."""
     running_var: torch.Tensor | None = field(default=None, repr=False)
     """BatchNorm only: the live running variance buffer (never sharded)."""
     running_var0: torch.Tensor | None = field(default=None, repr=False)

@@ -28,7 +28,9 @@ METHODS = {
     "mars-sp": ("penalty", "mars"),
     "l2-sp": ("penalty", "l2"),
     "none": ("none", "mars"),
+    "mars-ftp": ("project", "mars"),  # radii learned per layer (constraints/learned.py)
 }
+LEARNED_RADII = {"mars-ftp"}
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _EMBED_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "position_embeddings", "mask_token")
 
@@ -83,8 +85,10 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
         if role == "norm" and norm_layers == "none" or role == "embed" and embeddings == "none":
             continue
         r = head_radius if role == "head" else radius
+        learned = method in LEARNED_RADII and role != "head"  # the head keeps head_radius (around zero)
         matched = next((g for g in groups if fnmatch.fnmatchcase(name, g[0])), None)
         if matched is not None:
+            learned = False  # a group's number is a fixed radius, also under a learned-radius method
             r = matched[1]
             if r is None:
                 continue
@@ -93,7 +97,7 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
             raise ValueError(f"parameter {name!r} has shape {shape} (no elements): nothing to constrain; a model "
                              f"partitioned by ZeRO-3 must carry its full shape in `ds_shape`")
         c = Constraint(name=name, shape=shape, role=role, action=action, norm=norm, radius=float(r),
-                       weight=head_penalty if role == "head" else penalty, bn_eps=bn_eps)
+                       weight=head_penalty if role == "head" else penalty, bn_eps=bn_eps, learned=learned)
         if role == "bn":
             if module.running_var is None:
                 continue  # track_running_stats=False: no effective scale to constrain

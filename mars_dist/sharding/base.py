@@ -61,6 +61,11 @@ class Backend:
         (sharded optimizers call the inner step once per parameter group / sub-group)."""
         return True
 
+    def stepping_mask(self) -> list[bool] | None:
+        """Inside a step pre-hook: which fragments the inner optimizer steps at this firing (None = all). Sharded
+        optimizers with several groups step, and hold gradients for, one group per firing."""
+        return None
+
     def sync_forward_weights(self) -> None:
         """Copy projected fp32 masters into the weights forward uses, when the hook ran too late for the
         optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""

@@ -1,0 +1,211 @@
+"""Learned radii: Fast Trainable Projection (Tian et al., "Fast Trainable Projection for Robust Fine-Tuning",
+NeurIPS 2023; reference code GT-RIPL/FTP) with the MARS row norm, on the packed layout of constraints/packed.py.
+
+Per learned constraint j (one radius gamma_j per layer), at update t, with W~ the weights the optimizer just
+produced and c = W~ - W0 (BatchNorm: in effective-scale space), row norms n_r = ||c_r||_1 + 1e-8:
+1. t = 1: gamma_j = init (1e-8 in the reference: the first update is pulled back onto the pretrained weights).
+2. t > 1: the gradient of the loss w.r.t. gamma_j is  sum_r g_r . c'_r / n'_r  with g the gradient of this update
+   and c', n' the previous update's unconstrained displacement and row norms (dW_r/dgamma for a clipped row);
+   positive gradients are multiplied by k (annealing); gamma_j takes one Adam step (own lr, betas, eps, bias
+   correction with t, as the reference); then gamma_j is clipped to [1e-8, max_r n_r].
+3. Projection with gamma_j: rows with n_r above gamma_j are rescaled radially onto it (`lerp(W0, W~, s)`, exactly as
+   the fixed-radius projection: rows inside are bit-exact no-ops); diagonal layers clip |d - d0| <= gamma_j.
+What is learned: every centred layer the fixed-radius method would project (matrices, BatchNorm effective scales,
+norm layers, embeddings when clipped). What is fixed: the new head (`head_radius`, around zero: there is no pretrained
+displacement to learn from) and parameters matched by a `constraint.groups` entry with a number (their fixed radius).
+
+Sharding: g_r . c'_r / n'_r is a sum over elements, so each rank adds up its fragments' part (`accumulate`, in the
+optimizer's pre-step hook, no collective) and the per-layer sums travel in the SAME single reduce as the row norms
+(`project`, post-step hook). Every rank then computes the same gamma from the same reduced sums.
+
+Memory: ONE buffer the size of this rank's constrained fragments (1/N of the model): the previous direction
+c'/n' (`direction`), packed like the anchors. It cannot be recovered from the weights: for a clipped row
+(W - W0) / gamma_prev is c'/n' in exact arithmetic, but with gamma ~ 1e-8 (the reference's start) W - W0 is below
+the float32 resolution of W, so the recovered direction would be rounding noise and gamma would never grow.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mars_dist.constraints.fragments import radial_scales
+from mars_dist.constraints.packed import Packed
+
+NORM_EPS = 1e-8  # added to every row norm, and gamma's lower clip, as the reference
+
+
+@dataclass(frozen=True)
+class FtpSettings:
+    lr: float = 1e-2
+    """Adam step size of the radii (the reference's mu)."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    k: float = 1.0
+    """Annealing factor applied to positive radius gradients (shrinking steps); 1 = none (reference default)."""
+    init_radius: float = 1e-8
+    """gamma at the first update (the reference's 1e-8)."""
+
+
+class LearnedRadii:
+    """The radii, their Adam moments and step count (replicated on every rank) and this rank's direction buffer."""
+
+    def __init__(self, packing: Packed, settings: FtpSettings = FtpSettings()):
+        p = self.p = packing
+        self.s = settings
+        dev = p.device
+        self.learned = torch.tensor([bool(getattr(c, "learned", False)) for c in p.cons], dtype=torch.bool,
+                                    device=dev)
+        n = len(p.cons)
+        fixed = [c.radius if c.action == "project" and c.radius is not None else math.inf for c in p.cons]
+        self.fixed = torch.tensor(fixed, dtype=torch.float64, device=dev)
+        self.gamma = torch.where(self.learned, torch.full((n,), settings.init_radius, dtype=torch.float64,
+                                                          device=dev), self.fixed)
+        self.m = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.v = torch.zeros(n, dtype=torch.float64, device=dev)
+        self.t = 0
+        self.row_k = torch.tensor(p.row_cons, dtype=torch.long, device=dev)[p.row_con] if p.row_cons else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        self.diag_k = torch.tensor(p.diag_cons, dtype=torch.long, device=dev)[p.diag_con] if p.diag_cons else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        self.dir_chunks = [torch.zeros_like(ch.anchor) for ch in p.chunks]
+        self.dir_pieces = torch.zeros_like(p.piece_anchor)
+        self.dir_diag = torch.zeros_like(p.diag_anchor)
+        self._dot = torch.zeros(n, device=dev)
+
+    # ---- pre-step: this rank's part of sum g . c'/n' per layer (no collective) ----------------------------------
+    @torch.no_grad()
+    def accumulate(self, ws: list[torch.Tensor], gs: list[torch.Tensor | None]) -> None:
+        """Add this rank's g . direction for the fragments with a gradient now (a sharded optimizer with several
+        groups hands them in group by group; a fragment without one is skipped)."""
+        p = self.p
+        if self.t == 0:
+            return  # no previous displacement yet: the first update sets gamma to init
+        rows = torch.zeros(p.num_rows, device=p.device)
+        for ch, d in zip(p.chunks, self.dir_chunks):
+            have = [gs[i] is not None for i, _, _ in ch.blocks]
+            if not any(have):
+                continue
+            m, _ = p.scratch_blocks(ch)
+            torch.cat(p.chunk_views(ch, [g if g is not None else w for g, w in zip(gs, ws)]), out=m)
+            dots = m.mul_(d).sum(1)
+            if not all(have):
+                dots *= torch.cat([torch.full((r,), float(h), device=p.device)
+                                   for (_, _, r), h in zip(ch.blocks, have)])
+            rows.index_add_(0, ch.rows, dots)
+        if p.pieces:
+            g = torch.cat(p.piece_views([g if g is not None else w for g, w in zip(gs, ws)])) * self.dir_pieces
+            if any(gs[i] is None for i, _, _ in p.pieces):
+                g *= torch.cat([torch.full((e - s,), float(gs[i] is not None), device=p.device)
+                                for i, s, e in p.pieces])
+            rows.index_add_(0, p.piece_rows, p.piece_sums(g))
+        self._dot.index_add_(0, self.row_k, rows)
+        if p.diag:
+            _, _, denom = p.diag_values(ws)
+            g = torch.cat([gs[i] if gs[i] is not None else torch.zeros_like(ws[i]) for i in p.diag])
+            # BatchNorm: the radius lives in effective-scale space d = w / denom, so dL/dd = dL/dw * denom
+            self._dot.index_add_(0, self.diag_k, g * denom * self.dir_diag)
+
+    # ---- post-step: one reduce, radius update, projection -----------------------------------------------------
+    @torch.no_grad()
+    def project(self, ws: list[torch.Tensor], reduce) -> int:
+        """Row norms of c = W~ - W0 and the accumulated dot products in ONE reduce; update gamma; store c/n as the
+        next direction; project onto gamma. Returns the rows (and diagonal elements) clipped."""
+        p = self.p
+        from mars_dist.constraints.engine import _clip_diag, _row_partials, _rescale_rows  # noqa: PLC0415
+
+        row_part = _row_partials(p, ws, True, False)[0]
+        _, d, _ = p.diag_values(ws)
+        diag_abs = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, (d - p.diag_anchor).abs())
+        totals, averaged = reduce(torch.cat([row_part, diag_abs, self._dot]), p.running_vars())
+        p.write_running_vars(averaged)
+        R, E = p.num_rows, p.diag_total
+        row_l1, diag_l1, dot = totals[:R], totals[R:R + E], totals[R + E:]
+        self._dot.zero_()
+        self.t += 1
+        self._update_gamma(row_l1, diag_l1, dot)
+        radius = self.gamma.float()
+        scale = radial_scales(row_l1, radius[self.row_k])
+        inv_n = 1.0 / (row_l1 + NORM_EPS)
+        self._store_direction_rows(ws, inv_n)
+        clipped = int((scale < 1).sum())
+        if clipped:
+            _rescale_rows(p, ws, scale)
+        if p.diag:
+            _, d, _ = p.diag_values(ws)  # with the BatchNorm variances the reduce may have averaged
+            dev_d = d - p.diag_anchor
+            self.dir_diag.copy_(dev_d / (dev_d.abs() + NORM_EPS))
+            clipped += _clip_diag(p, ws, radius[self.diag_k])
+        return clipped
+
+    def _update_gamma(self, row_l1: torch.Tensor, diag_l1: torch.Tensor, dot: torch.Tensor) -> None:
+        p, s = self.p, self.s
+        n = len(p.cons)
+        top = torch.zeros(n, dtype=torch.float64, device=p.device)  # max_r n_r per layer (the upper clip)
+        if p.row_cons:
+            top[p.row_cons] = torch.segment_reduce(row_l1 + NORM_EPS, "max", lengths=p.row_lengths).double()
+        if p.diag_cons:
+            top[p.diag_cons] = torch.segment_reduce(diag_l1 + NORM_EPS, "max", lengths=p.diag_lengths).double()
+        if self.t == 1:
+            new = torch.full_like(self.gamma, s.init_radius)
+        else:
+            g = dot.double()
+            g = torch.where(g > 0, g * s.k, g)
+            m = s.beta1 * self.m + (1 - s.beta1) * g
+            v = s.beta2 * self.v + (1 - s.beta2) * g * g
+            self.m = torch.where(self.learned, m, self.m)
+            self.v = torch.where(self.learned, v, self.v)
+            m_hat = m / (1 - s.beta1 ** self.t)
+            v_hat = v / (1 - s.beta2 ** self.t)
+            new = self.gamma - s.lr * m_hat / (v_hat.sqrt() + s.eps)
+            new = torch.minimum(torch.maximum(new, torch.full_like(new, NORM_EPS)), top)
+        self.gamma = torch.where(self.learned, new, self.fixed)
+
+    def _store_direction_rows(self, ws, inv_n: torch.Tensor) -> None:
+        p = self.p
+        p.bind(ws)
+        for ch, d in zip(p.chunks, self.dir_chunks):
+            torch.cat(p.chunk_views(ch), out=d)
+            d.sub_(ch.anchor).mul_(inv_n[ch.rows].unsqueeze(1))
+        if p.pieces:
+            self.dir_pieces.copy_(p.piece_deviation(ws) * inv_n[p.piece_elem_row])
+
+    # ---- reading and checkpoints ------------------------------------------------------------------------------
+    def radii(self) -> list[float]:
+        """The current radius of every constraint (packing order; inf where not projected). One host sync."""
+        return self.gamma.tolist()
+
+    def sync_radii(self) -> None:
+        """Write the learned radii into the constraints (what measure / logs / the model card read)."""
+        for c, r, learned in zip(self.p.cons, self.radii(), self.learned.tolist()):
+            if learned:
+                c.radius = r
+
+    def state_dict(self) -> dict:
+        """Replicated part (identical on every rank): radii, Adam moments, update count."""
+        return {"gamma": self.gamma.cpu(), "m": self.m.cpu(), "v": self.v.cpu(), "t": self.t,
+                "names": [c.name for c in self.p.cons]}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [c.name for c in self.p.cons]
+        if state["names"] != names:
+            raise ValueError(f"learned radii in the checkpoint are for {len(state['names'])} layers "
+                             f"({state['names'][:2]}...), this run constrains {len(names)} ({names[:2]}...)")
+        dev = self.p.device
+        self.gamma, self.m, self.v = (state[k].to(dev, torch.float64) for k in ("gamma", "m", "v"))
+        self.t = int(state["t"])
+        self.sync_radii()
+
+    def rank_state(self, layout: dict) -> dict:
+        """This rank's direction buffer with the layout it belongs to."""
+        return {"layout": layout, "chunks": [d.cpu() for d in self.dir_chunks], "pieces": self.dir_pieces.cpu(),
+                "diag": self.dir_diag.cpu()}
+
+    def load_rank_state(self, state: dict) -> None:
+        for d, saved in zip(self.dir_chunks, state["chunks"], strict=True):
+            d.copy_(saved)
+        self.dir_pieces.copy_(state["pieces"])
+        self.dir_diag.copy_(state["diag"])
