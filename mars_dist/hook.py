@@ -27,6 +27,9 @@ class ProjectionHook:
         optimizer = backend.hook_optimizer()
         self.learned = None
         if any(c.learned for c in backend.constraints):
+            if backend.name == "gather":
+                raise NotImplementedError("learned radii (mars-ftp) run on the sharded fragments only; the gather "
+                                          "reference (constraint.mode: gather) is for fixed radii")
             self.learned = LearnedRadii(backend.packing, ftp or FtpSettings())
             self._handles.append(optimizer.register_step_pre_hook(self._read_gradients))
         if "project" in actions:

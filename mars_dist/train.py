@@ -15,7 +15,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from mars_dist import checkpoint as ckpt
-from mars_dist import elastic, resume_guard
+from mars_dist import elastic, learned_radii, resume_guard
 from mars_dist.card import write_model_card
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
@@ -154,7 +154,8 @@ def train(cfg: Config) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
     backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
-    hook = ProjectionHook(backend)
+    hook = ProjectionHook(backend, learned_radii.settings(cfg))
+    learned_radii.attach(accelerator, hook, backend)  # mars-ftp: the radii and their state go into checkpoints
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
                 "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum(),
                 "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes)}

@@ -11,7 +11,7 @@ import torch
 from mars_dist.sharding import ReplicatedBackend
 
 EQUIVALENCE = ("pgm", "pgm_2groups", "pgm_subgroups", "l2pgm", "marssp", "l2sp_2groups", "l2sp_subgroups", "eff_pgm",
-               "hf_vit_pgm", "hf_resnet_pgm")
+               "hf_vit_pgm", "hf_resnet_pgm", "ftp", "ftp_2groups", "ftp_subgroups", "eff_ftp")
 
 
 def cases(key, pick=lambda c: True) -> list:
@@ -30,7 +30,7 @@ def assert_same_as_single_process(launch, reference, name: str) -> None:
     worst = max(((got[k] - ref[k]).abs().max().item(), k) for k in ref)
     assert worst[0] <= atol, f"{launch.key}/{name}: {worst[1]} differs from the single-process run by {worst[0]:.3g}"
     assert all(r["updates"] == common.UPDATES for r in ranks), [r["updates"] for r in ranks]
-    if common.case(name)["method"].endswith("pgm"):
+    if common.case(name)["method"].endswith(("pgm", "ftp")):
         assert ranks[0]["active_layers"] > 0 and max(ranks[0]["ratio_master"]) >= 1 - 1e-4, \
             "the projection never bit: the comparison would not test it"
 

@@ -1,0 +1,58 @@
+"""Learned radii (mars-ftp) in a run: the settings from the config, and their place in checkpoints.
+
+The math is constraints/learned.py; this module only wires it into accelerate's checkpoints:
+- the radii, their Adam moments and the update count are the same on every rank: a registered checkpoint object
+  (accelerate writes it once, every rank loads it);
+- the previous-direction buffer is this rank's (1/N of the constrained weights, the layout of its fragments): each
+  rank writes `learned_radii_rank{r}.pt` inside the checkpoint (before the manifest, so it is verified like the rest).
+A replicated backend (one process, DDP) holds whole tensors, so any world size reads rank 0's buffer. A sharded
+backend needs the same layout; under another one the buffer is refused with an error saying so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from mars_dist.constraints.learned import FtpSettings
+
+
+def settings(cfg) -> FtpSettings:
+    return FtpSettings(**asdict(cfg.constraint.ftp))
+
+
+def _layout(backend) -> dict:
+    if backend.name == "replicated":
+        return {"backend": "replicated"}
+    return backend.layout()
+
+
+def attach(accelerator, hook, backend) -> None:
+    """Register the learned radii of `hook` (if any) with the accelerator's save_state / load_state."""
+    learned = hook.learned
+    if learned is None:
+        return
+    accelerator.register_for_checkpointing(learned)
+    rank = accelerator.process_index
+
+    def save(_models, _weights, output_dir) -> None:
+        torch.save(learned.rank_state(_layout(backend)), Path(output_dir) / f"learned_radii_rank{rank}.pt")
+
+    def load(_models, input_dir) -> None:
+        replicated = backend.name == "replicated"
+        path = Path(input_dir) / f"learned_radii_rank{0 if replicated else rank}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {input_dir} has no {path.name}: the learned radii's direction buffer "
+                                    f"of this rank; was it saved by a run with another number of processes?")
+        state = torch.load(path, weights_only=True)
+        if not replicated and state["layout"] != _layout(backend):
+            raise ValueError(f"{path}: the learned radii's direction buffer was saved under the layout "
+                             f"{state['layout'].get('backend')} x {state['layout'].get('world_size')} ranks, this run "
+                             f"has {backend.name} x {backend.world_size}; resume mars-ftp with the same backend and "
+                             f"number of processes")
+        learned.load_rank_state(state)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
