@@ -52,6 +52,9 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> No
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = float(grad_clip or 0.0)
     ds.setdefault("zero_allow_untested_optimizer", True)  # we pass a plain torch optimizer (hooks live there)
+    if (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none":
+        # ZeRO-Offload: without this accelerate swaps our optimizer for DeepSpeedCPUAdam (sharding/zero.py)
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
 
 
 def model_placement(accelerator, whole: bool = False):

@@ -16,6 +16,9 @@ all-gather (ZeRO-1/2) / re-gather of persistent parameters (ZeRO-3) comes after 
   group the later groups' fp32 gradients only exist at their own firing: they get theirs there (one more
   all-reduce per extra group).
 Skipped (overflow) steps never call the inner step, so they never project.
+ZeRO-Offload (`offload_optimizer: {device: cpu}`) changes nothing of this: the flat fp32 masters and the inner
+optimizer's step live on the CPU, the hook projects them there, DeepSpeed copies them to the forward weights after
+(`check_offload` says what is refused).
 
 This is the only module of mars_dist that imports deepspeed.
 """
@@ -34,6 +37,32 @@ from mars_dist.constraints.selection import rebind_running_vars
 from mars_dist.sharding import (named_parameters, register_after_step_hook,
                                 weak_callable)
 from mars_dist.sharding.base import Backend
+
+
+def check_offload(engine, optimizer: torch.optim.Optimizer) -> bool:
+    """True under ZeRO-Offload (`offload_optimizer: {device: cpu}`, ZeRO-1/2/3): DeepSpeed keeps the flat fp32
+    masters and the optimizer state on the CPU and steps the inner optimizer there, so those CPU tensors are the
+    real masters and the in-step projection works on them unchanged (then DeepSpeed copies them to the forward
+    weights). Refused, each with what to change: NVMe offload, SuperOffload, and an inner optimizer that is not
+    the trainer's torch optimizer (accelerate swaps it for DeepSpeedCPUAdam - SGD included, betas/eps dropped -
+    unless `zero_force_ds_cpu_optimizer: false`, which the trainer sets)."""
+    cfg = engine.zero_offload_optimizer()
+    device = str(getattr(getattr(cfg, "device", "none"), "value", getattr(cfg, "device", "none")))
+    if device == "none":
+        return False
+    if device != "cpu":
+        raise NotImplementedError(f"zero_optimization.offload_optimizer.device={device!r} is not supported (the "
+                                  f"projection is tested with the fp32 masters on the CPU); use device: cpu")
+    if getattr(cfg, "super_offload", False):
+        raise NotImplementedError("zero_optimization.offload_optimizer.super_offload is not supported (its own "
+                                  "optimizer path); remove super_offload")
+    if type(optimizer).__module__.startswith("deepspeed"):
+        raise NotImplementedError(
+            f"ZeRO-Offload stepped {type(optimizer).__name__}, not the configured torch optimizer: accelerate "
+            f"replaces a torch optimizer under offload unless the DeepSpeed config has "
+            f"\"zero_force_ds_cpu_optimizer\": false (the trainer sets it when the key is absent); remove "
+            f"\"zero_force_ds_cpu_optimizer\": true")
+    return True
 
 
 @dataclass
@@ -63,16 +92,7 @@ class ZeroBackend(Backend):
         if self.stage == 0 or not isinstance(self.optimizer, torch.optim.Optimizer):
             raise NotImplementedError(f"ZeroBackend needs ZeRO stage 1-3 over a torch optimizer; got stage "
                                       f"{self.stage} with {type(self.optimizer).__name__}")
-        if getattr(self.zero, "offload_optimizer", False) or getattr(self.zero, "cpu_offload", False):
-            # Measured with DeepSpeed 0.19.8 (2 CPU processes, SGD, 3 updates, constraint.method=none): ZeRO-2 and
-            # ZeRO-3 with offload_optimizer end 0.11 away from the single-process run (without offload: 2e-7), and
-            # torch warns that the client optimizer's step() was never called: DeepSpeed does not step the
-            # optimizer we hook, so neither the update nor an in-step projection can be trusted there.
-            raise NotImplementedError(
-                "zero_optimization.offload_optimizer is not supported: with a torch optimizer DeepSpeed 0.19.8 does "
-                "not step it the way the projection hooks it (without any constraint the weights already differ "
-                "from a single-process run by 0.11 after 3 updates); remove offload_optimizer from the DeepSpeed "
-                "config (ZeRO-3 partitions the masters across ranks already)")
+        self.offload = check_offload(engine, self.optimizer)
         self.process_group = self.zero.dp_process_group
         self.world_size = dist.get_world_size(self.process_group)
         self.rank = dist.get_rank(self.process_group)
@@ -121,10 +141,12 @@ class ZeroBackend(Backend):
             _, start, part = self.zero.grad_position[self.zero.get_param_id(p)]
             rank = dist.get_rank(p.ds_process_group)
             numel = max(0, min(part, c.numel - rank * part))  # mask the padding tail of the last rank(s)
-            local = safe_get_local_fp32_param(p)
-            if local.data_ptr() != flats[group].narrow(0, start, part).data_ptr():
-                raise RuntimeError(f"{c.name}: safe_get_local_fp32_param is not a view of the fp32 master "
-                                   f"(optimizer offload?); the sharded projection cannot edit it in place")
+            # with offload on an accelerator safe_get_local_fp32_param returns a device COPY of the CPU master;
+            # the flat CPU tensor the inner optimizer steps is the master itself (grad_position says where)
+            if not self.offload and safe_get_local_fp32_param(p).data_ptr() != \
+                    flats[group].narrow(0, start, part).data_ptr():
+                raise RuntimeError(f"{c.name}: safe_get_local_fp32_param is not a view of the fp32 master; the "
+                                   f"sharded projection cannot edit it in place")
             return _Slot(p, group, start, numel, rank * part)
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:  # this rank owns nothing of p

@@ -21,7 +21,8 @@ def _command(key, out: Path) -> list[str]:
     if key == "fsdp2":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(common.free_port()), "tests/distributed/fsdp2_worker.py", *args]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/zero{key}.yaml",
+    config = common.LAUNCH_CONFIGS.get(key, f"zero{key}")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{config}.yaml",
             "--num_processes", "2", "--main_process_port", str(common.free_port()), "tests/distributed/zero_worker.py", *args]
 
 

@@ -48,9 +48,17 @@ CASES = {
     "bf16_pgm": dict(model="vit", method="mars-pgm", bf16=True, persistence=500),
     # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer instead of the ZeRO-1/2 optimizer
     "bf16_fp32acc": dict(model="vit", method="mars-pgm", bf16=True, fp32_accum=True),
+    # ZeRO-Offload: fp32 masters and the (torch) optimizer step on the CPU, offload_optimizer: {device: cpu}
+    "offload_none": dict(model="vit", method="none", offload=True),
+    "offload_pgm": dict(model="vit", method="mars-pgm", offload=True),
+    "offload_pgm_2groups": dict(model="vit", method="mars-pgm", groups=2, offload=True),
+    "offload_pgm_subgroups": dict(model="vit", method="mars-pgm", sub_group_size=20000, persistence=500,
+                                  offload=True),
+    "offload_marssp": dict(model="vit", method="mars-sp", offload=True),
+    "offload_bf16_pgm": dict(model="vit", method="mars-pgm", bf16=True, persistence=500, offload=True),
 }
 DEFAULTS = dict(groups=1, sub_group_size=1_000_000_000, persistence=100_000, bf16=False, fp32_accum=False,
-                bn_mode="eval", mode="sharded")
+                bn_mode="eval", mode="sharded", offload=False)
 # stage -> (cases, case to checkpoint and resume); FSDP2 is the key "fsdp2"
 LAUNCHES = {
     1: (["pgm_2groups", "l2sp_2groups", "eff_pgm", "bf16_fp32acc"], None),
@@ -59,7 +67,12 @@ LAUNCHES = {
          "bf16_pgm"], "pgm_subgroups"),
     "fsdp2": (["pgm", "l2pgm", "marssp", "gather", "gather_sp", "eff_pgm", "eff_bntrain", "hf_vit_pgm",
                "hf_resnet_pgm"], "pgm"),
+    # ZeRO-Offload, one launch per stage (the cases add offload_optimizer: cpu to the stage's config)
+    "offload1": (["offload_pgm_2groups", "offload_bf16_pgm"], None),
+    "offload2": (["offload_none", "offload_pgm", "offload_marssp"], None),
+    "offload3": (["offload_none", "offload_pgm", "offload_pgm_subgroups", "offload_marssp", "offload_bf16_pgm"], None),
 }
+LAUNCH_CONFIGS = {"offload1": "zero1", "offload2": "zero2", "offload3": "zero3_offload"}  # else zero{key}.yaml
 
 HEADS = {"vit": ["head"], "effnet": ["classifier"], "hf_vit": ["hf_model.classifier"],
          "hf_resnet": ["hf_model.classifier"]}
@@ -196,7 +209,7 @@ def reference_run(name: str) -> dict[str, torch.Tensor]:
             p.grad = g
         opt.step()
         opt.zero_grad()
-    assert hook.updates == UPDATES
+    assert hook.updates == (UPDATES if c["method"] != "none" else 0)  # method none: no hook
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 

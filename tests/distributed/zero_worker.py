@@ -65,6 +65,9 @@ class Run:
             cfg["data_types"] = {"grad_accum_dtype": "fp32"}
         cfg["zero_optimization"]["sub_group_size"] = self.c["sub_group_size"]
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = self.c["persistence"]
+        if self.c["offload"]:  # as the trainer configures it (sharding/accelerate_setup.py)
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+            cfg["zero_force_ds_cpu_optimizer"] = False
         self.stage = cfg["zero_optimization"]["stage"]
         acc.deepspeed_engine_wrapped = None
         model = common.build_model(self.c["model"])
@@ -128,6 +131,9 @@ class Run:
                 "zero_kind": getattr(self.backend, "kind", ""),
                 "active_layers": sum(s.frac_at_bound > 0 for s in stats if s.radius is not None),
                 "num_groups": getattr(self.backend, "sharded", self.backend).num_groups,
+                "offload": bool(getattr(self.engine.optimizer, "offload_optimizer", False)
+                                or getattr(self.engine.optimizer, "cpu_offload", False)),  # DeepSpeed's own flag
+                "inner_optimizer": type(self.engine.optimizer.optimizer).__name__,
                 "bn_var_sums": bn, "anchor_vs_pretrained": bf16_anchor_err, "backend": self.backend.name}
 
 
