@@ -52,24 +52,50 @@ def report_lost_rank(output_dir: str | Path, err: BaseException) -> int:
 
 # ---- resuming under another data-parallel world size ----
 
-def check_world_size(saved: dict, accelerator, ckpt) -> None:
-    """DeepSpeed ZeRO checkpoints hold one optimizer partition per rank of the saving run; DeepSpeed 0.19.8 loads
-    them only under the same data-parallel world size (re-partitioning needs its universal checkpoint conversion,
-    `ds_to_universal`, which this trainer does not run). Refuse before anything is loaded. DDP / one process: the
-    model and optimizer are saved whole, accelerate's per-rank RNG files are optional: any world size loads."""
-    old = (saved.get("layout") or {}).get("world_size")
-    if old is None or old == accelerator.num_processes:
-        return
-    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        from mars_dist.checkpoint import CheckpointError
+def check_world_size(saved: dict, cfg, accelerator, ckpt) -> bool:
+    """What a resume under another batch layout can carry over; called before anything heavy is built. Returns True
+    when the checkpoint must be loaded through DeepSpeed's universal checkpoint (ZeRO under another world size).
 
+    DDP / one process: the model and optimizer are saved whole, accelerate's per-rank RNG files are optional: any
+    world size loads. DeepSpeed ZeRO: one optimizer partition per saving rank, re-cut by DeepSpeed's own universal
+    checkpoint (sharding/zero_universal.py); what that cannot carry is refused here, naming it. FSDP2: accelerate
+    saves SHARDED_STATE_DICT through torch.distributed.checkpoint, which reshards on load by itself.
+    A changed global batch is refused where the LR schedule counts updates (an update now holds another number of
+    samples, so the schedule would no longer match the data seen)."""
+    from mars_dist.checkpoint import CheckpointError
+    from mars_dist.resume_guard import layout
+
+    old, new = saved.get("layout") or {}, layout(cfg, accelerator.num_processes)
+    if old.get("global_batch") not in (None, new["global_batch"]):
+        counts = [f"train.scheduler={cfg.train.scheduler}"] if cfg.train.scheduler != "constant" else []
+        if cfg.train.warmup_steps and saved.get("step", 0) < cfg.train.warmup_steps:
+            counts.append(f"train.warmup_steps={cfg.train.warmup_steps} (at update {saved.get('step')})")
+        if counts:
+            keep = old["global_batch"] / (new["micro_batch"] * new["world_size"])
+            hint = (f"train.grad_accum={int(keep)} keeps it with {new['world_size']} process(es) x micro-batch "
+                    f"{new['micro_batch']}" if keep == int(keep) and keep >= 1 else
+                    "choose train.batch_size x processes x train.grad_accum to match it")
+            raise CheckpointError(
+                f"checkpoint {ckpt} was made with global batch {old['global_batch']}, this run has "
+                f"{new['global_batch']} ({new['world_size']} process(es) x micro-batch {new['micro_batch']} x grad_accum "
+                f"{new['grad_accum']}), and {' and '.join(counts)} counts updates: refusing to resume (the schedule "
+                f"would no longer match the samples seen). Keep the global batch ({hint}) or use train.scheduler="
+                f"constant")
+    if old.get("world_size") in (None, accelerator.num_processes):
+        return False
+    if getattr(accelerator.state, "deepspeed_plugin", None) is None:
+        return False
+    from mars_dist.sharding.zero_universal import unsupported
+
+    why = unsupported(cfg.train.optimizer, cfg.train.amsgrad)
+    if why:
         raise CheckpointError(
-            f"checkpoint {ckpt} holds DeepSpeed ZeRO partitions of {old} ranks; this run has "
-            f"{accelerator.num_processes}: resume with {old} processes (DeepSpeed needs the same data-parallel "
-            f"world size; converting to its universal checkpoint is not supported here)")
+            f"checkpoint {ckpt} holds DeepSpeed ZeRO partitions of {old['world_size']} ranks; this run has "
+            f"{accelerator.num_processes}: {why}; resume with {old['world_size']} processes")
+    return True
 
 
-def position_for_layout(saved: dict, micro_batch: int, world_size: int, note) -> int:
+def position_for_layout(saved: dict, micro_batch: int, world_size: int, note, global_batch: int | None = None) -> int:
     """The saved position in the epoch (micro-batches per process) under this run's layout. The seedable sampler
     deals one global order of samples out in rounds of micro_batch x world_size, so the same number of samples
     consumed is the same global sample: exact when a round of the new layout divides it (always when the global
@@ -80,6 +106,9 @@ def position_for_layout(saved: dict, micro_batch: int, world_size: int, note) ->
         return batch
     samples = batch * old["micro_batch"] * old["world_size"]
     new_round = micro_batch * world_size
+    if global_batch is not None and old.get("global_batch") not in (None, global_batch):
+        note(f"resume: global batch {old['global_batch']} -> {global_batch}: continuing at the same epoch position "
+             f"(epoch {saved['epoch']}, sample {samples // new_round * new_round}), not at the same update")
     if samples % new_round:
         note(f"resume: {samples} samples of epoch {saved['epoch']} were consumed, not a whole number of rounds of "
              f"{micro_batch} x {world_size}: continuing at sample {samples // new_round * new_round} of the epoch "

@@ -100,3 +100,53 @@ def test_data_position_under_another_layout():
     assert notes == ["resume: 24 samples of epoch 1 were consumed, not a whole number of rounds of 8 x 2: continuing "
                      "at sample 16 of the epoch (same epoch position, 8 samples seen again)"]
     assert position_for_layout({"batch_in_epoch": 5, "epoch": 0}, 8, 2, print) == 5  # no layout recorded
+
+
+def test_what_a_new_layout_can_carry_over():
+    """elastic.check_world_size, before anything heavy: a changed global batch is refused where the LR schedule
+    counts updates (naming it and the grad_accum that keeps it); ZeRO under another world size goes through
+    DeepSpeed's universal checkpoint (True) unless its conversion cannot carry the optimizer state."""
+    from types import SimpleNamespace
+
+    from mars_dist.elastic import check_world_size
+
+    saved = {"step": 5, "epoch": 1, "batch_in_epoch": 2,
+             "layout": {"world_size": 2, "micro_batch": 4, "grad_accum": 2, "global_batch": 16}}
+
+    def on(processes: int, zero: bool = False):  # what check_world_size reads of an Accelerator
+        return SimpleNamespace(num_processes=processes, state=SimpleNamespace(deepspeed_plugin=object() if zero
+                                                                               else None))
+
+    for schedule in ("step", "cosine"):
+        with pytest.raises(ckpt.CheckpointError, match=(
+                rf"checkpoint CKPT was made with global batch 16, this run has 8 \(1 process\(es\) x micro-batch 4 x "
+                rf"grad_accum 2\), and train.scheduler={schedule} counts updates: refusing to resume .* Keep the "
+                rf"global batch \(train.grad_accum=4 keeps it with 1 process\(es\) x micro-batch 4\)")):
+            check_world_size(saved, cfg_of("train.batch_size=4", "train.grad_accum=2", f"train.scheduler={schedule}"),
+                             on(1), "CKPT")
+    with pytest.raises(ckpt.CheckpointError, match=r"train.warmup_steps=10 \(at update 5\) counts updates"):
+        check_world_size(saved, cfg_of("train.batch_size=4", "train.scheduler=constant", "train.warmup_steps=10"),
+                         on(1), "CKPT")
+    assert check_world_size(saved, cfg_of("train.batch_size=4", "train.scheduler=constant"), on(1), "CKPT") is False
+    assert check_world_size(saved, cfg_of("train.batch_size=4", "train.grad_accum=4"), on(1), "CKPT") is False
+    # ZeRO: the universal checkpoint for Adam / AdamW; SGD and AMSGrad refused naming why
+    keep = ("train.batch_size=4", "train.grad_accum=4")
+    assert check_world_size(saved, cfg_of(*keep), on(1, zero=True), "CKPT") is True
+    assert check_world_size(saved, cfg_of("train.batch_size=4", "train.grad_accum=2"), on(2, zero=True), "C") is False
+    with pytest.raises(ckpt.CheckpointError, match=r"partitions of 2 ranks; this run has 1: train.optimizer=sgd: "
+                                                   r"DeepSpeed 0.19.8's universal checkpoint conversion"):
+        check_world_size(saved, cfg_of(*keep, "train.optimizer=sgd"), on(1, zero=True), "CKPT")
+    with pytest.raises(ckpt.CheckpointError, match=r"train.amsgrad=true: .* max_exp_avg_sq"):
+        check_world_size(saved, cfg_of(*keep, "train.amsgrad=true"), on(1, zero=True), "CKPT")
+
+
+def test_changed_global_batch_is_said_in_one_line():
+    from mars_dist.elastic import position_for_layout
+
+    saved = {"batch_in_epoch": 3, "epoch": 1, "layout": {"world_size": 2, "micro_batch": 4, "global_batch": 16}}
+    notes: list[str] = []
+    assert position_for_layout(saved, 4, 1, notes.append, global_batch=16) == 6
+    assert notes == []
+    assert position_for_layout(saved, 4, 1, notes.append, global_batch=8) == 6
+    assert notes == ["resume: global batch 16 -> 8: continuing at the same epoch position (epoch 1, sample 24), not "
+                     "at the same update"]
