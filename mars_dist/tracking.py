@@ -88,7 +88,7 @@ class Tracker:
                  "frac_at_bound": s.frac_at_bound, "frobenius": s.frobenius} for s in stats]
         (self.dir / "layers.json").write_text(json.dumps({"layers": rows, "bound_C": bound_term(stats)}, indent=1))
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        plot = plot_layer_ratios(stats, self.dir / "layers.png")
+        plot = plot_layer_ratios(stats, self.dir / "layers.png", learned_radius_series(self.dir / "metrics.jsonl"))
         if self.run is not None:
             import wandb
 
@@ -119,8 +119,25 @@ def log_model_artifact(run, export_dir: Path, summary: dict):
     return run.log_artifact(artifact, aliases=["latest"])
 
 
-def plot_layer_ratios(stats: Sequence[LayerStats], path: Path) -> Path | None:
-    """Bar chart of distance / radius per constrained layer (1.0 = at the bound); distance alone when unconstrained."""
+def learned_radius_series(metrics_jsonl: Path) -> dict[str, tuple[list[int], list[float]]]:
+    """Per layer whose radius changed during the run (learned radii, mars-ftp): (updates, radii) from the log."""
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    if not Path(metrics_jsonl).exists():
+        return series
+    for line in Path(metrics_jsonl).read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key.startswith("layers/") and key.endswith("/radius") and value is not None:
+                steps, values = series.setdefault(key[len("layers/"):-len("/radius")], ([], []))
+                steps.append(record["step"])
+                values.append(value)
+    return {k: v for k, v in series.items() if len(set(v[1])) > 1}
+
+
+def plot_layer_ratios(stats: Sequence[LayerStats], path: Path,
+                      radius_series: dict[str, tuple[list[int], list[float]]] | None = None) -> Path | None:
+    """Bar chart of distance / radius per constrained layer (1.0 = at the bound); distance alone when unconstrained.
+    With learned radii, a second panel: each layer's radius over the updates."""
     if not stats:
         return None
     import matplotlib
@@ -131,7 +148,16 @@ def plot_layer_ratios(stats: Sequence[LayerStats], path: Path) -> Path | None:
     constrained = any(s.radius for s in stats)
     values = [s.ratio if (constrained and s.radius) else s.distance for s in stats]
     colors = {"matrix": "tab:blue", "head": "tab:red", "bn": "tab:green", "norm": "tab:orange", "embed": "tab:gray"}
-    fig, ax = plt.subplots(figsize=(max(6, len(stats) * 0.08), 4))
+    width = max(6, len(stats) * 0.08)
+    if radius_series:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(width, 8))
+        role = {s.name: s.role for s in stats}
+        for name, (steps, radii) in radius_series.items():
+            ax2.plot(steps, radii, color=colors.get(role.get(name, ""), "tab:purple"), linewidth=0.7, alpha=0.6)
+        ax2.set(yscale="log", xlabel="update", ylabel="learned radius",
+                title=f"learned radii of {len(radius_series)} layers (colour: layer kind)")
+    else:
+        fig, ax = plt.subplots(figsize=(width, 4))
     ax.bar(range(len(stats)), values, color=[colors.get(s.role, "tab:purple") for s in stats], width=0.9)
     if constrained:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
