@@ -189,6 +189,10 @@ class ZeroBackend(Backend):
         current = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
         return [k for k, flat in enumerate(self.flats()) if id(flat) in current]
 
+    def stepping_mask(self) -> list[bool]:
+        steps = set(self.stepping_groups())
+        return [s.group in steps for s in self.slots]
+
     def begin_hook(self) -> bool:
         steps = self.stepping_groups()
         if not steps:

@@ -46,6 +46,11 @@ CASES = {
     "hf_vit_pgm": dict(model="hf_vit", method="mars-pgm"),
     "hf_resnet_pgm": dict(model="hf_resnet", method="mars-pgm"),
     "bf16_pgm": dict(model="vit", method="mars-pgm", bf16=True, persistence=500),
+    # learned radii: the radius gradients are partial sums in the pre-step hook (per group when there are several)
+    "ftp": dict(model="vit", method="mars-ftp"),
+    "ftp_2groups": dict(model="vit", method="mars-ftp", groups=2),
+    "ftp_subgroups": dict(model="vit", method="mars-ftp", sub_group_size=20000, persistence=500),
+    "eff_ftp": dict(model="effnet", method="mars-ftp"),
     # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer instead of the ZeRO-1/2 optimizer
     "bf16_fp32acc": dict(model="vit", method="mars-pgm", bf16=True, fp32_accum=True),
     # ZeRO-Offload: fp32 masters and the (torch) optimizer step on the CPU, offload_optimizer: {device: cpu}
@@ -61,12 +66,12 @@ DEFAULTS = dict(groups=1, sub_group_size=1_000_000_000, persistence=100_000, bf1
                 bn_mode="eval", mode="sharded", offload=False)
 # stage -> (cases, case to checkpoint and resume); FSDP2 is the key "fsdp2"
 LAUNCHES = {
-    1: (["pgm_2groups", "l2sp_2groups", "eff_pgm", "bf16_fp32acc"], None),
-    2: (["pgm", "gather", "marssp", "bf16_pgm"], None),
+    1: (["pgm_2groups", "l2sp_2groups", "eff_pgm", "bf16_fp32acc", "ftp_2groups"], None),
+    2: (["pgm", "gather", "marssp", "bf16_pgm", "ftp"], None),
     3: (["pgm", "pgm_subgroups", "l2pgm", "marssp", "l2sp_subgroups", "gather", "gather_sp", "eff_pgm", "eff_bntrain",
-         "bf16_pgm"], "pgm_subgroups"),
+         "bf16_pgm", "ftp_subgroups", "eff_ftp"], "pgm_subgroups"),
     "fsdp2": (["pgm", "l2pgm", "marssp", "gather", "gather_sp", "eff_pgm", "eff_bntrain", "hf_vit_pgm",
-               "hf_resnet_pgm"], "pgm"),
+               "hf_resnet_pgm", "ftp", "eff_ftp"], "pgm"),
     # ZeRO-Offload, one launch per stage (the cases add offload_optimizer: cpu to the stage's config)
     "offload1": (["offload_pgm_2groups", "offload_bf16_pgm"], None),
     "offload2": (["offload_none", "offload_pgm", "offload_marssp"], None),
@@ -157,7 +162,8 @@ def max_ratios(constraints, weights: dict, pretrained: dict) -> dict:
         if c.radius is None or c.action != "project":
             continue
         dist = s.frobenius if (c.norm == "l2" and c.kind == "rows") else s.distance
-        out[c.name] = dist / c.radius
+        # W0 + s D rounds to fp32: up to 2^-24 |w| per element, which matters next to a tiny (learned) radius
+        out[c.name] = dist / (c.radius + 2.0 ** -23 * s.layer_norm)
     return out
 
 

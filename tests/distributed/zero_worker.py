@@ -103,6 +103,8 @@ class Run:
                 on_update(u)
 
     def record(self) -> None:
+        if self.hook.learned is not None:  # mars-ftp: ratios against the radii learned so far
+            self.hook.learned.sync_radii()
         masters, forward = full_weights(self.engine, self.stage)
         self.log["ratio_master"].append(max(common.max_ratios(self.constraints, masters, self.pretrained).values(),
                                              default=0.0))
