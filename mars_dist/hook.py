@@ -50,7 +50,7 @@ class ProjectionHook:
         # every firing: a sharded optimizer with several groups has only the stepping groups' gradients now
         frags, stepping = self.backend.fragments(), self.backend.stepping_mask()
         self.learned.accumulate([f.w for f in frags], [f.grad if stepping is None or stepping[i] else None
-                                                       for i, f in enumerate(frags)])
+                                                       for i, f in enumerate(frags)], self.backend.reduce)
 
     def _before_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():

@@ -6,7 +6,8 @@ The math is constraints/learned.py; this module only wires it into accelerate's 
 - the previous-direction buffer is this rank's (1/N of the constrained weights, the layout of its fragments): each
   rank writes `learned_radii_rank{r}.pt` inside the checkpoint (before the manifest, so it is verified like the rest).
 A replicated backend (one process, DDP) holds whole tensors, so any world size reads rank 0's buffer. A sharded
-backend needs the same layout; under another one the buffer is refused with an error saying so.
+backend under another layout (another world size) rebuilds the buffer from the resumed weights instead
+(`LearnedRadii.recover_direction`: exact in exact arithmetic, float32-rounded in practice).
 """
 
 from __future__ import annotations
@@ -43,16 +44,15 @@ def attach(accelerator, hook, backend) -> None:
     def load(_models, input_dir) -> None:
         replicated = backend.name == "replicated"
         path = Path(input_dir) / f"learned_radii_rank{0 if replicated else rank}.pt"
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {input_dir} has no {path.name}: the learned radii's direction buffer "
-                                    f"of this rank; was it saved by a run with another number of processes?")
-        state = torch.load(path, weights_only=True)
-        if not replicated and state["layout"] != _layout(backend):
-            raise ValueError(f"{path}: the learned radii's direction buffer was saved under the layout "
-                             f"{state['layout'].get('backend')} x {state['layout'].get('world_size')} ranks, this run "
-                             f"has {backend.name} x {backend.world_size}; resume mars-ftp with the same backend and "
-                             f"number of processes")
-        learned.load_rank_state(state)
+        state = torch.load(path, weights_only=True) if path.exists() else None
+        if state is not None and (replicated or state["layout"] == _layout(backend)):
+            learned.load_rank_state(state)
+        else:  # another world size: the buffer is in another layout; rebuilt from the resumed weights
+            learned.recover_direction = True
+            if rank == 0:
+                print(f"resume: learned radii's direction buffer saved under another layout ({path.name}); it is "
+                      f"rebuilt from the resumed weights at the next update (float32-exact unless a radius is at "
+                      f"its 1e-8 floor)")
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

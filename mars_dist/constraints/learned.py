@@ -37,6 +37,12 @@ from mars_dist.constraints.packed import Packed
 NORM_EPS = 1e-8  # added to every row norm, and gamma's lower clip, as the reference
 
 
+def _row_partials_of(p: Packed, ws) -> torch.Tensor:
+    from mars_dist.constraints.engine import _row_partials  # noqa: PLC0415 (engine imports this module's users)
+
+    return _row_partials(p, ws, True, False)[0]
+
+
 @dataclass(frozen=True)
 class FtpSettings:
     lr: float = 1e-2
@@ -75,15 +81,20 @@ class LearnedRadii:
         self.dir_pieces = torch.zeros_like(p.piece_anchor)
         self.dir_diag = torch.zeros_like(p.diag_anchor)
         self._dot = torch.zeros(n, device=dev)
+        self.recover_direction = False
+        """Set after a resume whose direction buffer was saved under another layout: rebuilt from the weights."""
 
     # ---- pre-step: this rank's part of sum g . c'/n' per layer (no collective) ----------------------------------
     @torch.no_grad()
-    def accumulate(self, ws: list[torch.Tensor], gs: list[torch.Tensor | None]) -> None:
+    def accumulate(self, ws: list[torch.Tensor], gs: list[torch.Tensor | None], reduce=None) -> None:
         """Add this rank's g . direction for the fragments with a gradient now (a sharded optimizer with several
-        groups hands them in group by group; a fragment without one is skipped)."""
+        groups hands them in group by group; a fragment without one is skipped). Call it at the first firing of an
+        update before any group has stepped (the weights are then all pre-update)."""
         p = self.p
         if self.t == 0:
             return  # no previous displacement yet: the first update sets gamma to init
+        if self.recover_direction:
+            self._direction_from_weights(ws, reduce)
         rows = torch.zeros(p.num_rows, device=p.device)
         for ch, d in zip(p.chunks, self.dir_chunks):
             have = [gs[i] is not None for i, _, _ in ch.blocks]
@@ -115,9 +126,9 @@ class LearnedRadii:
         """Row norms of c = W~ - W0 and the accumulated dot products in ONE reduce; update gamma; store c/n as the
         next direction; project onto gamma. Returns the rows (and diagonal elements) clipped."""
         p = self.p
-        from mars_dist.constraints.engine import _clip_diag, _row_partials, _rescale_rows  # noqa: PLC0415
+        from mars_dist.constraints.engine import _clip_diag, _rescale_rows  # noqa: PLC0415
 
-        row_part = _row_partials(p, ws, True, False)[0]
+        row_part = _row_partials_of(p, ws)
         _, d, _ = p.diag_values(ws)
         diag_abs = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, (d - p.diag_anchor).abs())
         totals, averaged = reduce(torch.cat([row_part, diag_abs, self._dot]), p.running_vars())
@@ -163,6 +174,21 @@ class LearnedRadii:
             new = self.gamma - s.lr * m_hat / (v_hat.sqrt() + s.eps)
             new = torch.minimum(torch.maximum(new, torch.full_like(new, NORM_EPS)), top)
         self.gamma = torch.where(self.learned, new, self.fixed)
+
+    def _direction_from_weights(self, ws, reduce) -> None:
+        """c'/n' from the projected weights W = W0 + min(1, gamma/n') c': per row (W - W0) / min(||W - W0||_1 +
+        1e-8, gamma_prev): exact in exact arithmetic for clipped and free rows alike; in float32 it is as good as
+        W - W0 resolves the displacement (not at all for a radius at its 1e-8 floor). One extra reduce, once."""
+        p = self.p
+        row_part = _row_partials_of(p, ws)
+        totals, _ = reduce(row_part, torch.zeros(0, device=p.device))
+        radius = self.gamma.float()
+        self._store_direction_rows(ws, 1.0 / torch.minimum(totals + NORM_EPS, radius[self.row_k]))
+        if p.diag:
+            _, d, _ = p.diag_values(ws)
+            dev_d = d - p.diag_anchor
+            self.dir_diag.copy_(dev_d / torch.minimum(dev_d.abs() + NORM_EPS, radius[self.diag_k]))
+        self.recover_direction = False
 
     def _store_direction_rows(self, ws, inv_n: torch.Tensor) -> None:
         p = self.p
