@@ -7,7 +7,8 @@
 2. Projection time per update for ViT-B and ViT-L (fp32 masters, the trainer's hook path) against a real bf16 update
    of the same model (autocast forward + backward + AdamW step): the share the projection adds (target <= 1 %).
 3. DeepSpeed ZeRO-3, world size 1 over NCCL, bf16: the hooked projection keeps every layer within its radius on the
-   fp32 master and within bf16 rounding in forward (skipped, with the reason, where deepspeed is not importable).
+   fp32 master and within bf16 rounding in forward (skipped, with the reason, where deepspeed is not importable);
+   the same with ZeRO-Offload (fp32 masters on the CPU, forward weights on the device): forward == bf16(master).
 Each part records its result or the reason it was skipped; nothing here needs the network.
 """
 
@@ -93,7 +94,9 @@ def projection_share(name: str, device, batch: int, img: int, updates: int) -> d
             "projection_ms": 1e3 * t_proj, "projection_share": t_proj / t_update, "max_distance_over_radius": worst}
 
 
-def zero3_bf16(device) -> dict:
+def zero3_bf16(device, offload: bool = False) -> dict:
+    """offload: ZeRO-Offload as launch/deepspeed/zero3_offload.json sets it (fp32 masters and the torch optimizer's
+    step on the CPU, forward weights on the device, the row sums' all-reduce over NCCL)."""
     try:
         import deepspeed
     except Exception as e:  # noqa: BLE001
@@ -117,6 +120,9 @@ def zero3_bf16(device) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
            "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9, "bf16": {"enabled": True},
            "zero_optimization": {"stage": 3, "overlap_comm": False}}
+    if offload:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        cfg["zero_force_ds_cpu_optimizer"] = False
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     backend = ZeroBackend(constraints, engine)
     hook = ProjectionHook(backend)
@@ -127,8 +133,20 @@ def zero3_bf16(device) -> dict:
         engine.step()
     stats = measure(backend.fragments(), backend.reduce, backend.packing)
     worst = max(s.distance / s.radius for s in stats if s.radius)
-    return {"updates_projected": hook.updates, "max_distance_over_radius_fp32_master": worst,
-            "ok": hook.updates == 3 and worst <= 1 + 5e-5, "backend_device": str(engine.device)}
+    out = {"updates_projected": hook.updates, "max_distance_over_radius_fp32_master": worst,
+           "ok": hook.updates == 3 and worst <= 1 + 5e-5, "backend_device": str(engine.device),
+           "master_device": str(backend.flats()[0].device), "offload": backend.offload}
+    if offload:  # forward must be exactly bf16(projected CPU master): no lag, no stale copy on the device
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = list(engine.module.named_parameters())
+        masters = {n: safe_get_full_fp32_param(p).detach().float().cpu() for n, p in params}
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            gap = max(float((p.detach().float().cpu() - masters[n].bfloat16().float()).abs().max())
+                      for n, p in params)
+        out["forward_vs_bf16_master"] = gap
+        out["ok"] = out["ok"] and gap == 0.0 and backend.offload and out["master_device"] == "cpu"
+    return out
 
 
 def main() -> None:
@@ -145,7 +163,8 @@ def main() -> None:
     parts = {"device_equals_cpu": lambda: check_device_equals_cpu(device),
              **{f"share_{m}": (lambda m=m, b=b, i=i: projection_share(m, device, b, i, 5 if cuda else 1))
                 for m, b, i in models},
-             "zero3_bf16_world1": lambda: zero3_bf16(device)}
+             "zero3_bf16_world1": lambda: zero3_bf16(device),
+             "zero3_offload_bf16_world1": lambda: zero3_bf16(device, offload=True)}
     for key, fn in parts.items():
         t0 = time.perf_counter()
         try:
