@@ -40,6 +40,7 @@ SEARCH_SPACE = {
     "l2-pgm": {"radius": "radius_range", "head_radius": "head_radius_range"},
     "mars-sp": {"penalty": "penalty_range", "head_penalty": "penalty_range"},
     "l2-sp": {"penalty": "penalty_range", "head_penalty": "penalty_range"},
+    "mars-ftp": {"head_radius": "head_radius_range"},  # the backbone radii are learned in the run itself
     "none": {},
 }
 
