@@ -21,6 +21,8 @@ METHOD_TEXT = {
               "weights, the new head into a ball around zero",
     "mars-sp": "MARS-SP: a MARS-norm penalty on the distance from the pretrained weights",
     "l2-sp": "L2-SP: a squared L2 penalty on the distance from the pretrained weights",
+    "mars-ftp": "MARS-FTP: as MARS-PGM, with one radius per layer learned during the fine-tune (Fast Trainable "
+                "Projection, Tian et al., NeurIPS 2023); the head keeps a fixed radius around zero",
     "none": "plain fine-tuning (no constraint; distances are reported for reference)",
 }
 
@@ -66,6 +68,9 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
         return f"penalty weights: backbone {c.penalty:g}, head {c.head_penalty:g} (no radii: a penalty method)"
     groups = "".join(f"; `{g.pattern}`: {'unconstrained' if g.radius is None else f'{g.radius:g}'}"
                      for g in c.groups)
+    if c.method == "mars-ftp":
+        return (f"backbone: learned per layer (FTP, Adam lr {c.ftp.lr:g}, start {c.ftp.init_radius:g}; the final "
+                f"values are in the table below), head {c.head_radius:g} fixed{groups}")
     swept = run_dir is not None and (run_dir / "trial_config.yaml").is_file()
     how = "drawn by `mars-dist sweep` (Optuna TPE on validation accuracy) for this trial" if swept else \
         "fixed in the config"
