@@ -6,7 +6,8 @@ Backends: ReplicatedBackend (one process / DDP), ZeroBackend (DeepSpeed ZeRO-1/2
 (fsdp2.py), GatherBackend (gather.py: the gather-everything reference, config `constraint.mode: gather`). Around
 them: accelerate_setup.py (the Accelerator, how the model is built for this launch, precision, the export's state
 dict), zero_init.py (whole or zero.Init construction under ZeRO-3), precision.py (BatchNorm in fp32 under DeepSpeed
-bf16/fp16, fp32 masters for the export). Only zero.py, zero_init.py and precision.py import deepspeed.
+bf16/fp16, fp32 masters for the export), zero_universal.py (a ZeRO checkpoint resumed under another world size
+through DeepSpeed's universal checkpoint). Only these zero*.py and precision.py import deepspeed.
 docs/sharding.md explains the design.
 """
 
