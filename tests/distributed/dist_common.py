@@ -75,7 +75,8 @@ LAUNCHES = {
     # ZeRO-Offload, one launch per stage (the cases add offload_optimizer: cpu to the stage's config)
     "offload1": (["offload_pgm_2groups", "offload_bf16_pgm"], None),
     "offload2": (["offload_none", "offload_pgm", "offload_marssp"], None),
-    "offload3": (["offload_none", "offload_pgm", "offload_pgm_subgroups", "offload_marssp", "offload_bf16_pgm"], None),
+    "offload3": (["offload_none", "offload_pgm", "offload_pgm_subgroups", "offload_marssp", "offload_bf16_pgm"],
+                 "offload_pgm_subgroups"),
 }
 LAUNCH_CONFIGS = {"offload1": "zero1", "offload2": "zero2", "offload3": "zero3_offload"}  # else zero{key}.yaml
 

@@ -59,3 +59,9 @@ def test_multi_group_offload_recopies_earlier_groups(launches, key, name):
 @pytest.mark.parametrize("key,name", [("offload2", "offload_pgm"), ("offload3", "offload_pgm_subgroups")])
 def test_anchor_checksum_is_layout_free(launches, key, name):
     checks.assert_checksum_layout_free(launches(key), name)
+
+
+def test_zero3_offload_resume_is_exact(launches):
+    """accelerate save_state / load_state (optimizer state and fp32 masters from the CPU) + per-rank anchor_state,
+    resumed in a fresh engine after update 2: bit-identical to the uninterrupted run (measured 0.0)."""
+    checks.assert_resume_exact(launches("offload3"), "offload_pgm_subgroups")
