@@ -261,6 +261,41 @@ def test_real_trainer_preempted_requeued_resumes_exactly(cluster, tmp_path, tmp_
     assert_same_weights(reference, out, exact=True)
 
 
+def test_real_trainer_preempted_on_two_nodes_requeued_onto_one(cluster, tmp_path):
+    """multinode.sbatch on two nodes; the second node is drained and the job preempted mid-run (SIGUSR1):
+    checkpoint, requeue; the requeued job, pending for want of a second node, is given one (scontrol update
+    NumNodes=1, as an admin or a `--nodes=1-2` request would): it resumes the 2-process checkpoint with one process
+    (global batch 16 -> 8, allowed with the constant schedule, said in one line) and completes within the bound."""
+    from launch_helpers import assert_bound_holds
+
+    out = tmp_path / "out"
+    job, log = _submit_real(cluster, tmp_path, "multinode.sbatch", [*PER_RANK, "train.scheduler=constant"],
+                            f"output_dir={out}")
+    try:
+        _wait_until(cluster, job, log, lambda: _updates_done(out) >= 2, "2 updates on two nodes", timeout=180)
+        cluster.run("scontrol", "update", f"nodename={cluster.nodes[1]}", "state=drain", "reason=gone")
+        cluster.scancel(job, "--signal=USR1", "--batch")
+        _wait_until(cluster, job, log, lambda: cluster.job_info(job).get("Restarts") == "1"
+                    and cluster.states(job)[:1] == ["PENDING"], "requeued, pending", timeout=120)
+        cluster.run("scontrol", "update", f"jobid={job}", "NumNodes=1", "NumTasks=1")
+        state = _wait(cluster, job, log, timeout=300)
+    finally:
+        cluster.run("scontrol", "update", f"nodename={cluster.nodes[1]}", "state=resume", check=False)
+    text = log.read_text()
+    assert state == "COMPLETED", text
+    runs = text.split("SLURM_RESTART_COUNT=")[1:]
+    assert [r.split()[0] for r in runs] == ["unset", "1"], text
+    assert "launch: 2 node(s) x 1 process(es)" in runs[0] and "requeueing job" in runs[0], runs[0]
+    stopped = _read(out / "preempted.json")["step"]
+    assert 2 <= stopped < 12, text
+    assert "launch: 1 node(s) x 1 process(es)" in runs[1], runs[1]
+    assert f"resumed from {out}/checkpoints/step_{stopped:08d} at update {stopped}" in runs[1]
+    assert "resume: layout changed: world size 2 -> 1, micro batch 4, grad accum 2, global batch 16 -> 8" in runs[1]
+    assert "resume: global batch 16 -> 8: continuing at the same epoch position" in runs[1]
+    assert _updates_done(out) == 12
+    assert_bound_holds(out)
+
+
 def test_real_sweep_array_shares_one_study(cluster, tmp_path):
     """A 2-task job array of `mars-dist sweep --trials 1` (each trial through accelerate launch): both trials end in
     the one Optuna study in the shared output dir, with different parameters, each in its own trial directory."""
