@@ -77,8 +77,8 @@ def check_world_size(saved: dict, cfg, accelerator, ckpt) -> bool:
                     "choose train.batch_size x processes x train.grad_accum to match it")
             raise CheckpointError(
                 f"checkpoint {ckpt} was made with global batch {old['global_batch']}, this run has "
-                f"{new['global_batch']} ({new['world_size']} process(es) x micro-batch {new['micro_batch']} x grad_accum "
-                f"{new['grad_accum']}), and {' and '.join(counts)} counts updates: refusing to resume (the schedule "
+                f"{new['global_batch']} ({new['world_size']} process(es) x micro-batch {new['micro_batch']} x "
+                f"grad_accum {new['grad_accum']}), and {' and '.join(counts)} counts updates: refusing to resume (the schedule "
                 f"would no longer match the samples seen). Keep the global batch ({hint}) or use train.scheduler="
                 f"constant")
     if old.get("world_size") in (None, accelerator.num_processes):

@@ -150,3 +150,28 @@ def test_changed_global_batch_is_said_in_one_line():
     assert position_for_layout(saved, 4, 1, notes.append, global_batch=8) == 6
     assert notes == ["resume: global batch 16 -> 8: continuing at the same epoch position (epoch 1, sample 24), not "
                      "at the same update"]
+
+
+def test_universal_resume_restores_buffers_from_the_saved_model_states(tmp_path):
+    """A universal load restores parameters and optimizer state only; zero_universal.restore_buffers copies the
+    buffers (BatchNorm statistics) from the saving run's rank-0 model states, and names any it cannot find."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mars_dist.sharding.zero_universal import restore_buffers
+
+    saved = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    saved[1].running_mean.uniform_()
+    saved[1].running_var.uniform_(1, 2)
+    saved[1].num_batches_tracked += 7
+    torch.save({"module": saved.state_dict()}, tmp_path / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save({"module": {}}, tmp_path / "zero_pp_rank_1_mp_rank_00_model_states.pt")  # rank 0's is read
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    restore_buffers(SimpleNamespace(module=fresh), tmp_path)
+    for name, buf in saved.named_buffers():
+        assert torch.equal(dict(fresh.named_buffers())[name], buf), name
+    assert not torch.equal(fresh[0].weight, saved[0].weight)  # parameters are DeepSpeed's business
+    bigger = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4))
+    with pytest.raises(KeyError, match=r"buffers \['2.running_mean', '2.running_var', '2.num_batches_tracked'\]"):
+        restore_buffers(SimpleNamespace(module=bigger), tmp_path)
