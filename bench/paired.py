@@ -96,6 +96,8 @@ def plot(table: list[dict], path) -> None:
             d = t["diff"]
             ax.errorbar(i, 100 * d["mean"], yerr=[[100 * (d["mean"] - d["lo"])], [100 * (d["hi"] - d["mean"])]],
                         fmt="o", capsize=4)
+        if not rows:
+            ax.text(0.5, 0.5, "no paired runs yet", ha="center", va="center", transform=ax.transAxes)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(range(len(rows)), [t["method"] for t in rows])
         ax.set_xlim(-0.5, max(len(rows), 1) - 0.5)
