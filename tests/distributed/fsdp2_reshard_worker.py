@@ -1,15 +1,15 @@
 """FSDP2 resumed under another world size through torch.distributed.checkpoint (issue #10):
 
     torchrun --nproc_per_node 2 tests/distributed/fsdp2_reshard_worker.py OUT save CASE
-    torchrun --nproc_per_node 1 tests/distributed/fsdp2_reshard_worker.py OUT resume CASE
+    torchrun --nproc_per_node N tests/distributed/fsdp2_reshard_worker.py OUT resume CASE   (N = 1 or 4)
 
 `save` trains CASE uninterrupted on 2 ranks (fsdp2_worker.Run: fully_shard on a CPU mesh, AdamW, the projection
 hook) and checkpoints {"model", "optim"} with DCP after update 2, as accelerate's SHARDED_STATE_DICT does. `resume`
 builds the model afresh on this run's world size (anchors rebuilt from the pretrained weights, as the trainer does:
 the per-rank anchors belong to the saving layout), loads the DCP checkpoint, which reshards the Shard(0) DTensors
-and the optimizer state to the new mesh, and continues: each rank takes the micro-batches of the saving ranks
-r % world == rank, so the same samples make up each update. OUT/CASE_{save,resume}.json: anchor checksum and
-distance / radius after every update; OUT/CASE_{save,resume}.pt: the final fp32 masters (rank 0).
+and the optimizer state to the new mesh, and continues with the same images in every update (see `train`).
+OUT/CASE_{save,resumeN}.json: anchor checksum and distance / radius after every update; OUT/CASE_{save,resumeN}.pt:
+the final fp32 masters (rank 0).
 """
 
 from __future__ import annotations
@@ -33,16 +33,18 @@ SAVED_AFTER = 2  # updates
 
 
 def train(run: Run, updates: range, world: int, on_update=None) -> None:
-    """Update u sums the micro-batches of saving ranks r = rank, rank + world, ... (all of them on one rank);
-    FSDP2 averages over this run's ranks, so every update is the mean over the same common.WORLD x ACCUM
-    micro-batches as in the saving run."""
+    """Every update is the mean loss over the same common.WORLD x ACCUM micro-batches as in the saving run (FSDP2
+    averages over this run's ranks): with fewer ranks, rank k takes the micro-batches of saving ranks k, k + world,
+    ...; with more, each saving rank's micro-batches are split image by image over world / WORLD ranks."""
     x, y = common.data()
-    mine = [r for r in range(common.WORLD) if r % world == run.rank]
+    split = max(1, world // common.WORLD)
+    mine = [r for r in range(common.WORLD) if r % world == run.rank] if split == 1 else [run.rank // split]
+    part = slice(run.rank % split, None, split)  # this rank's images of each micro-batch
     common.set_train_mode(run.model, run.c["bn_mode"])
     for u in updates:
         for r in mine:
             for m in range(common.ACCUM):
-                loss = F.cross_entropy(run.model(x[u, r, m]), y[u, r, m]) / (common.ACCUM * len(mine))
+                loss = F.cross_entropy(run.model(x[u, r, m][part]), y[u, r, m][part]) / (common.ACCUM * len(mine))
                 loss.backward()
         run.opt.step()
         run.opt.zero_grad()
@@ -72,9 +74,10 @@ def main() -> None:
         train(run, range(SAVED_AFTER, common.UPDATES), world)
     result = {"world": world, "checksum": run.backend.anchor_checksum(), "ratio_master": run.log["ratio_master"],
               "clipped": run.log["clipped"]}
+    tag = what if what == "save" else f"{what}{world}"
     if dist.get_rank() == 0:
-        (out / f"{name}_{what}.json").write_text(json.dumps(result))
-        torch.save(run.masters, out / f"{name}_{what}.pt")
+        (out / f"{name}_{tag}.json").write_text(json.dumps(result))
+        torch.save(run.masters, out / f"{name}_{tag}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -32,18 +32,21 @@ def launch(out, what: str, processes: int) -> None:
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
 
 
-def test_two_ranks_resumed_by_one_through_dcp(tmp_path):
+def test_two_ranks_resumed_by_one_and_by_four_through_dcp(tmp_path):
     launch(tmp_path, "save", 2)
-    launch(tmp_path, "resume", 1)
-    saved, resumed = (json.loads((tmp_path / f"{CASE}_{w}.json").read_text()) for w in ("save", "resume"))
-    assert (saved["world"], resumed["world"]) == (2, 1)
-    assert all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(saved["checksum"],
-                                                                                 resumed["checksum"]))
-    assert len(resumed["ratio_master"]) == common.UPDATES - 2  # the updates after the resume
-    assert max(resumed["ratio_master"]) <= 1 + common.BOUND_RTOL  # the bound after every resumed update
-    assert max(resumed["clipped"]) > 0  # the projection was active after the resume
-    a, b = torch.load(tmp_path / f"{CASE}_save.pt"), torch.load(tmp_path / f"{CASE}_resume.pt")
-    assert a.keys() == b.keys()
-    worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
-    print(f"FSDP2 2 ranks -> 1: max |difference| {worst[0]:.2e} ({worst[1]})")
-    assert worst[0] <= ATOL, worst
+    saved = json.loads((tmp_path / f"{CASE}_save.json").read_text())
+    a = torch.load(tmp_path / f"{CASE}_save.pt")
+    for world in (1, 4):
+        launch(tmp_path, "resume", world)
+        resumed = json.loads((tmp_path / f"{CASE}_resume{world}.json").read_text())
+        assert (saved["world"], resumed["world"]) == (2, world)
+        assert all(math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-6) for x, y in zip(saved["checksum"],
+                                                                                     resumed["checksum"]))
+        assert len(resumed["ratio_master"]) == common.UPDATES - 2  # the updates after the resume
+        assert max(resumed["ratio_master"]) <= 1 + common.BOUND_RTOL  # the bound after every resumed update
+        assert max(resumed["clipped"]) > 0  # the projection was active after the resume
+        b = torch.load(tmp_path / f"{CASE}_resume{world}.pt")
+        assert a.keys() == b.keys()
+        worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+        print(f"FSDP2 2 ranks -> {world}: max |difference| {worst[0]:.2e} ({worst[1]})")
+        assert worst[0] <= ATOL, (world, worst)
