@@ -1,6 +1,7 @@
 """FSDP2 resumed under another world size (issue #10): a 2-rank run checkpointed with torch.distributed.checkpoint
-after update 2 is resumed by one rank and by four, DCP resharding the Shard(0) parameters and the AdamW state; the anchors are
-rebuilt from the pretrained weights under the new layout and their layout-free checksum equals the saving run's.
+after update 2 is resumed by one rank and by four, DCP resharding the Shard(0) parameters and the AdamW state; the
+anchors are rebuilt from the pretrained weights under the new layout and their layout-free checksum equals the
+saving run's.
 
 accelerate turns FSDP off on CPU, so the trainer's own FSDP2 path (accelerate's SHARDED_STATE_DICT, which is this
 DCP save / load) cannot run here; this drives fully_shard and DCP directly (tests/distributed/fsdp2_reshard_worker.py).
