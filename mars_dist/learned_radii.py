@@ -3,11 +3,12 @@
 The math is constraints/learned.py; this module only wires it into accelerate's checkpoints:
 - the radii, their Adam moments and the update count are the same on every rank: a registered checkpoint object
   (accelerate writes it once, every rank loads it);
-- the previous-direction buffer is this rank's (1/N of the constrained weights, the layout of its fragments): each
-  rank writes `learned_radii_rank{r}.pt` inside the checkpoint (before the manifest, so it is verified like the rest).
-A replicated backend (one process, DDP) holds whole tensors, so any world size reads rank 0's buffer. A sharded
-backend under another layout (another world size) rebuilds the buffer from the resumed weights instead
-(`LearnedRadii.recover_direction`: exact in exact arithmetic, float32-rounded in practice).
+- the previous-direction buffer is this rank's (1/N of the constrained weights): each rank writes its fragments with
+  their offsets in the flattened parameters, `learned_radii_rank{r}.pt`, inside the checkpoint (before the manifest,
+  so it is verified like the rest); a replicated backend (one process, DDP) only from rank 0.
+Loading reads, for each of this rank's fragments, the overlapping pieces from the saved files: the same layout, or
+another world size that cuts the parameters elsewhere, gets back exactly the saved values. (The buffer is our own
+state, not the optimizer's; DeepSpeed's universal checkpoint does not know it.)
 """
 
 from __future__ import annotations
@@ -24,12 +25,6 @@ def settings(cfg) -> FtpSettings:
     return FtpSettings(**asdict(cfg.constraint.ftp))
 
 
-def _layout(backend) -> dict:
-    if backend.name == "replicated":
-        return {"backend": "replicated"}
-    return backend.layout()
-
-
 def attach(accelerator, hook, backend) -> None:
     """Register the learned radii of `hook` (if any) with the accelerator's save_state / load_state."""
     learned = hook.learned
@@ -37,22 +32,19 @@ def attach(accelerator, hook, backend) -> None:
         return
     accelerator.register_for_checkpointing(learned)
     rank = accelerator.process_index
+    replicated = backend.name == "replicated"  # every rank holds the same whole buffer: rank 0 writes it
 
     def save(_models, _weights, output_dir) -> None:
-        torch.save(learned.rank_state(_layout(backend)), Path(output_dir) / f"learned_radii_rank{rank}.pt")
+        if rank == 0 or not replicated:
+            torch.save({"fragments": learned.direction_fragments()}, Path(output_dir) / f"learned_radii_rank{rank}.pt")
 
     def load(_models, input_dir) -> None:
-        replicated = backend.name == "replicated"
-        path = Path(input_dir) / f"learned_radii_rank{0 if replicated else rank}.pt"
-        state = torch.load(path, weights_only=True) if path.exists() else None
-        if state is not None and (replicated or state["layout"] == _layout(backend)):
-            learned.load_rank_state(state)
-        else:  # another world size: the buffer is in another layout; rebuilt from the resumed weights
-            learned.recover_direction = True
+        files = sorted(Path(input_dir).glob("learned_radii_rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
+        if not learned.load_directions(torch.load(f, weights_only=True)["fragments"] for f in files):
+            learned.recover_direction = True  # not in the checkpoint: rebuilt from the weights (approximate)
             if rank == 0:
-                print(f"resume: learned radii's direction buffer saved under another layout ({path.name}); it is "
-                      f"rebuilt from the resumed weights at the next update (float32-exact unless a radius is at "
-                      f"its 1e-8 floor)")
+                print(f"resume: {input_dir} does not hold the learned radii's whole direction buffer; it is rebuilt "
+                      f"from the resumed weights at the next update (float32-rounded; noise for radii at the floor)")
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

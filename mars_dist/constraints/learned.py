@@ -225,13 +225,37 @@ class LearnedRadii:
         self.t = int(state["t"])
         self.sync_radii()
 
-    def rank_state(self, layout: dict) -> dict:
-        """This rank's direction buffer with the layout it belongs to."""
-        return {"layout": layout, "chunks": [d.cpu() for d in self.dir_chunks], "pieces": self.dir_pieces.cpu(),
-                "diag": self.dir_diag.cpu()}
+    def _stores(self):
+        return self.dir_chunks, self.dir_pieces, self.dir_diag
 
-    def load_rank_state(self, state: dict) -> None:
-        for d, saved in zip(self.dir_chunks, state["chunks"], strict=True):
-            d.copy_(saved)
-        self.dir_pieces.copy_(state["pieces"])
-        self.dir_diag.copy_(state["diag"])
+    def direction_fragments(self) -> list[tuple[str, int, torch.Tensor]]:
+        """This rank's direction buffer as (parameter name, offset in the flattened parameter, values): readable
+        under any other layout (another world size cuts the parameters elsewhere)."""
+        p = self.p
+        return [(p.cons[p.con_of[i]].name, p.offsets[i], p.read_fragment(i, self._stores()).cpu())
+                for i in range(p.n) if p.numels[i]]
+
+    def load_directions(self, saved) -> bool:
+        """Fill this rank's direction from saved `direction_fragments` lists (an iterable, e.g. one per saving rank,
+        read lazily; stops once every element is found). True when complete; otherwise nothing is written."""
+        p = self.p
+        mine: dict[str, list[int]] = {}
+        for i in range(p.n):
+            if p.numels[i]:
+                mine.setdefault(p.cons[p.con_of[i]].name, []).append(i)
+        values = {i: torch.zeros(p.numels[i]) for ids in mine.values() for i in ids}
+        found = dict.fromkeys(values, 0)
+        for fragments in saved:
+            for name, offset, t in fragments:
+                for i in mine.get(name, ()):
+                    lo, hi = max(offset, p.offsets[i]), min(offset + t.numel(), p.offsets[i] + p.numels[i])
+                    if lo < hi:
+                        values[i][lo - p.offsets[i]:hi - p.offsets[i]] = t[lo - offset:hi - offset]
+                        found[i] += hi - lo
+            if all(found[i] >= p.numels[i] for i in found):
+                break
+        if any(found[i] != p.numels[i] for i in found):
+            return False
+        for i, v in values.items():
+            p.write_fragment(i, v, self._stores())
+        return True

@@ -159,32 +159,46 @@ class Packed:
         c = self.cons[self.con_of[i]]
         if not c.centered:
             return None
-        out = torch.zeros(self.numels[i], device=self.device)
-        self._anchor_parts(i, lambda part, packed: part.copy_(packed.reshape(-1)), out)
-        return out
+        return self.read_fragment(i)
 
     def set_anchor(self, i: int, value: torch.Tensor) -> None:
         """Overwrite fragment i's stored anchor (restoring a checkpoint under the same layout)."""
-        value = value.reshape(-1).to(self.device, torch.float32)
-        self._anchor_parts(i, lambda part, packed: packed.copy_(part.view_as(packed)), value)
+        self.write_fragment(i, value)
 
-    def _anchor_parts(self, i: int, fn, flat: torch.Tensor) -> None:
-        for ch in self.chunks:
+    def stores(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The packed anchor storage: per-chunk (rows, L) matrices, the pieces, the diagonal elements. A buffer of
+        the same structure (e.g. the learned radii's direction) is read / written with read_fragment /
+        write_fragment by passing its own stores."""
+        return [ch.anchor for ch in self.chunks], self.piece_anchor, self.diag_anchor
+
+    def read_fragment(self, i: int, stores=None) -> torch.Tensor:
+        """Fragment i's values in packed `stores` (default: the anchors) as one flat tensor (a copy)."""
+        out = torch.zeros(self.numels[i], device=self.device)
+        self._parts(i, lambda part, packed: part.copy_(packed.reshape(-1)), out, stores or self.stores())
+        return out
+
+    def write_fragment(self, i: int, value: torch.Tensor, stores=None) -> None:
+        value = value.reshape(-1).to(self.device, torch.float32)
+        self._parts(i, lambda part, packed: packed.copy_(part.view_as(packed)), value, stores or self.stores())
+
+    def _parts(self, i: int, fn, flat: torch.Tensor, stores) -> None:
+        chunk_stores, piece_store, diag_store = stores
+        for ch, store in zip(self.chunks, chunk_stores):
             at = 0
             for j, s, rows in ch.blocks:
                 if j == i:
-                    fn(flat[s:s + rows * ch.length], ch.anchor[at:at + rows])
+                    fn(flat[s:s + rows * ch.length], store[at:at + rows])
                 at += rows
         at = 0
         for j, s, e in self.pieces:
             if j == i:
-                fn(flat[s:e], self.piece_anchor[at:at + e - s])
+                fn(flat[s:e], piece_store[at:at + e - s])
             at += e - s
         at = 0
         for j in self.diag:
             n = self.numels[j]
             if j == i:
-                fn(flat, self.diag_anchor[at:at + n])
+                fn(flat, diag_store[at:at + n])
             at += n
 
     # ---- per-update building blocks ------------------------------------------------------------------------
