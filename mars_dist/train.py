@@ -134,6 +134,9 @@ def train(cfg: Config) -> dict:
     train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers, drop_last=True)
     val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
     test_loader = _loader(test_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
+    # the training images with the eval transforms: the train accuracy reported at the end (how well the run fits)
+    fit_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=False))
+    fit_loader = _loader(fit_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
 
     per_epoch = updates_per_epoch(len(train_loader), accelerator.num_processes, cfg.train.grad_accum)
     if per_epoch == 0:
@@ -149,8 +152,8 @@ def train(cfg: Config) -> dict:
                                 step_size, cfg.train.step_gamma)
     if universal:
         zero_universal.enable(accelerator)
-    model, optimizer, train_loader, val_loader, test_loader = accelerator.prepare(
-        model, optimizer, train_loader, val_loader, test_loader)
+    model, optimizer, train_loader, val_loader, test_loader, fit_loader = accelerator.prepare(
+        model, optimizer, train_loader, val_loader, test_loader, fit_loader)
     accelerator.register_for_checkpointing(scheduler)
     backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
     backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
@@ -258,9 +261,11 @@ def train(cfg: Config) -> dict:
     # the position where training stopped (mid-epoch under max_steps): a longer run resumed from here goes on
     ckpt.save_checkpoint(accelerator, out, step, state(epoch, batch_in_epoch), cfg.checkpoint.keep_last)
     test = evaluate(model, test_loader, accelerator)
+    fit = evaluate(model, fit_loader, accelerator)
     stats = hook.stats()
     result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["n"],
-              "val_accuracy": last_eval.get("accuracy"), "updates": step, "chance": 1.0 / num_classes,
+              "train_accuracy": fit["accuracy"], "train_loss": fit["loss"], "val_accuracy": last_eval.get("accuracy"),
+              "updates": step, "chance": 1.0 / num_classes,
               "bound_C": layer_metrics(stats)["bound/C"]}
     tracker.log({"test/accuracy": test["accuracy"], "test/loss": test["loss"]}, step)
     full_state = full_state_dict(accelerator, model)  # fp32 masters, also after bf16 training
