@@ -9,7 +9,8 @@ already inside the ball; no extra synchronisation is needed (docs/distributed-no
 from __future__ import annotations
 
 from mars_dist.constraints import add_penalty_grads, measure, project
-from mars_dist.constraints.learned import FtpSettings, LearnedRadii
+from mars_dist.config import FtpConfig
+from mars_dist.constraints.learned import LearnedRadii
 from mars_dist.sharding.base import Backend
 
 
@@ -17,7 +18,7 @@ class ProjectionHook:
     """Projects (PGM) after, or adds penalty gradients (SP) before, every real optimizer update. With learned radii
     (mars-ftp) it also reads the gradients before the update (this rank's part of each radius gradient)."""
 
-    def __init__(self, backend: Backend, ftp: FtpSettings | None = None):
+    def __init__(self, backend: Backend, ftp: FtpConfig | None = None):
         self.backend = backend
         self.updates = 0
         self.last_clipped = 0
@@ -30,7 +31,7 @@ class ProjectionHook:
             if backend.name == "gather":
                 raise NotImplementedError("learned radii (mars-ftp) run on the sharded fragments only; the gather "
                                           "reference (constraint.mode: gather) is for fixed radii")
-            self.learned = LearnedRadii(backend.packing, ftp or FtpSettings())
+            self.learned = LearnedRadii(backend.packing, ftp)
             self._handles.append(optimizer.register_step_pre_hook(self._read_gradients))
         if "project" in actions:
             self._handles.append(optimizer.register_step_post_hook(self._after_step))

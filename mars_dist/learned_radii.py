@@ -13,16 +13,15 @@ state, not the optimizer's; DeepSpeed's universal checkpoint does not know it.)
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from mars_dist.constraints.learned import FtpSettings
 
 
-def settings(cfg) -> FtpSettings:
-    return FtpSettings(**asdict(cfg.constraint.ftp))
+def settings(cfg):
+    """The radii's optimizer settings (`constraint.ftp`)."""
+    return cfg.constraint.ftp
 
 
 def attach(accelerator, hook, backend) -> None:

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from mars_dist.constraints import Constraint, Fragment, identity_reduce
-from mars_dist.constraints.learned import FtpSettings, LearnedRadii
+from mars_dist.config import FtpConfig
+from mars_dist.constraints.learned import LearnedRadii
 from mars_dist.constraints.packed import Packed
 
 LR = 0.05
 STEPS = 12
-SETTINGS = FtpSettings()
+SETTINGS = FtpConfig()
 
 
 def _problem(seed: int = 0):
@@ -39,7 +40,7 @@ def _problem(seed: int = 0):
     return cons, w0, grads, var
 
 
-def _reference(cons, w0, grads, var, s: FtpSettings = SETTINGS):
+def _reference(cons, w0, grads, var, s: FtpConfig = SETTINGS):
     """FTP as the reference code does it, float64, whole tensors, with the previous displacement kept explicitly."""
     W = {n: w.clone() for n, w in w0.items()}
     denom = {c.name: torch.sqrt(var.double() + c.bn_eps) if c.role == "bn" else torch.ones(()) for c in cons}

@@ -27,10 +27,9 @@ the float32 resolution of W, so the recovered direction would be rounding noise 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
+from mars_dist.config import FtpConfig  # a plain dataclass (no torch, no processes)
 from mars_dist.constraints.fragments import radial_scales
 from mars_dist.constraints.packed import Packed
 
@@ -43,32 +42,19 @@ def _row_partials_of(p: Packed, ws) -> torch.Tensor:
     return _row_partials(p, ws, True, False)[0]
 
 
-@dataclass(frozen=True)
-class FtpSettings:
-    lr: float = 1e-2
-    """Adam step size of the radii (the reference's mu)."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    k: float = 1.0
-    """Annealing factor applied to positive radius gradients (shrinking steps); 1 = none (reference default)."""
-    init_radius: float = 1e-8
-    """gamma at the first update (the reference's 1e-8)."""
-
-
 class LearnedRadii:
     """The radii, their Adam moments and step count (replicated on every rank) and this rank's direction buffer."""
 
-    def __init__(self, packing: Packed, settings: FtpSettings = FtpSettings()):
+    def __init__(self, packing: Packed, settings: FtpConfig | None = None):
         p = self.p = packing
-        self.s = settings
+        self.s = settings or FtpConfig()
         dev = p.device
         self.learned = torch.tensor([bool(getattr(c, "learned", False)) for c in p.cons], dtype=torch.bool,
                                     device=dev)
         n = len(p.cons)
         fixed = [c.radius if c.action == "project" and c.radius is not None else math.inf for c in p.cons]
         self.fixed = torch.tensor(fixed, dtype=torch.float64, device=dev)
-        self.gamma = torch.where(self.learned, torch.full((n,), settings.init_radius, dtype=torch.float64,
+        self.gamma = torch.where(self.learned, torch.full((n,), self.s.init_radius, dtype=torch.float64,
                                                           device=dev), self.fixed)
         self.m = torch.zeros(n, dtype=torch.float64, device=dev)
         self.v = torch.zeros(n, dtype=torch.float64, device=dev)
