@@ -22,7 +22,7 @@ METHOD_TEXT = {
     "mars-sp": "MARS-SP: a MARS-norm penalty on the distance from the pretrained weights",
     "l2-sp": "L2-SP: a squared L2 penalty on the distance from the pretrained weights",
     "mars-ftp": "MARS-FTP: as MARS-PGM, with one radius per layer learned during the fine-tune (Fast Trainable "
-                "Projection, Tian et al., NeurIPS 2023); the head keeps a fixed radius around zero",
+                "Projection, Tian et al., NeurIPS 2023); the head and BatchNorm scales keep fixed radii",
     "none": "plain fine-tuning (no constraint; distances are reported for reference)",
 }
 
@@ -70,7 +70,7 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
                      for g in c.groups)
     if c.method == "mars-ftp":
         return (f"backbone: learned per layer (FTP, Adam lr {c.ftp.lr:g}, start {c.ftp.init_radius:g}; the final "
-                f"values are in the table below), head {c.head_radius:g} fixed{groups}")
+                f"values are in the table below), BatchNorm {c.radius:g} and head {c.head_radius:g} fixed{groups}")
     swept = run_dir is not None and (run_dir / "trial_config.yaml").is_file()
     how = "drawn by `mars-dist sweep` (Optuna TPE on validation accuracy) for this trial" if swept else \
         "fixed in the config"

@@ -85,7 +85,11 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
         if role == "norm" and norm_layers == "none" or role == "embed" and embeddings == "none":
             continue
         r = head_radius if role == "head" else radius
-        learned = method in LEARNED_RADII and role != "head"  # the head keeps head_radius (around zero)
+        # learned: matrices, norm layers, embeddings. Fixed, as in MARS-PGM: the head (head_radius, around zero) and
+        # BatchNorm effective scales (radius): a learned radius starts at 1e-8, and an effective scale pinned that
+        # close to its anchor ties the BN weight to the moving running variance (measured: BN in train mode then
+        # collapses to chance accuracy within an epoch)
+        learned = method in LEARNED_RADII and role not in ("head", "bn")
         matched = next((g for g in groups if fnmatch.fnmatchcase(name, g[0])), None)
         if matched is not None:
             learned = False  # a group's number is a fixed radius, also under a learned-radius method
