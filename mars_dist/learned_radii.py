@@ -18,12 +18,6 @@ from pathlib import Path
 import torch
 
 
-
-def settings(cfg):
-    """The radii's optimizer settings (`constraint.ftp`)."""
-    return cfg.constraint.ftp
-
-
 def attach(accelerator, hook, backend) -> None:
     """Register the learned radii of `hook` (if any) with the accelerator's save_state / load_state."""
     learned = hook.learned

@@ -157,7 +157,7 @@ def train(cfg: Config) -> dict:
     accelerator.register_for_checkpointing(scheduler)
     backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
     backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
-    hook = ProjectionHook(backend, learned_radii.settings(cfg))
+    hook = ProjectionHook(backend, cfg.constraint.ftp)  # ftp: the learned radii's settings (mars-ftp)
     learned_radii.attach(accelerator, hook, backend)  # mars-ftp: the radii and their state go into checkpoints
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
                 "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum(),

@@ -10,9 +10,9 @@ produced and c = W~ - W0 (BatchNorm: in effective-scale space), row norms n_r = 
    correction with t, as the reference); then gamma_j is clipped to [1e-8, max_r n_r].
 3. Projection with gamma_j: rows with n_r above gamma_j are rescaled radially onto it (`lerp(W0, W~, s)`, exactly as
    the fixed-radius projection: rows inside are bit-exact no-ops); diagonal layers clip |d - d0| <= gamma_j.
-What is learned: every centred layer the fixed-radius method would project (matrices, BatchNorm effective scales,
-norm layers, embeddings when clipped). What is fixed: the new head (`head_radius`, around zero: there is no pretrained
-displacement to learn from) and parameters matched by a `constraint.groups` entry with a number (their fixed radius).
+Which constraints learn is decided by the selection (`Constraint.learned`: matrices, norm layers, embeddings when
+clipped); the others keep their fixed radius here (the head, BatchNorm effective scales, numeric `groups` entries:
+docs/constraints.md says why). The math below also handles a learned diagonal/BatchNorm constraint.
 
 Sharding: g_r . c'_r / n'_r is a sum over elements, so each rank adds up its fragments' part (`accumulate`, in the
 optimizer's pre-step hook, no collective) and the per-layer sums travel in the SAME single reduce as the row norms
@@ -27,19 +27,15 @@ the float32 resolution of W, so the recovered direction would be rounding noise 
 from __future__ import annotations
 
 import math
+
 import torch
 
 from mars_dist.config import FtpConfig  # a plain dataclass (no torch, no processes)
+from mars_dist.constraints.engine import _clip_diag, _rescale_rows, _row_partials
 from mars_dist.constraints.fragments import radial_scales
 from mars_dist.constraints.packed import Packed
 
 NORM_EPS = 1e-8  # added to every row norm, and gamma's lower clip, as the reference
-
-
-def _row_partials_of(p: Packed, ws) -> torch.Tensor:
-    from mars_dist.constraints.engine import _row_partials  # noqa: PLC0415 (engine imports this module's users)
-
-    return _row_partials(p, ws, True, False)[0]
 
 
 class LearnedRadii:
@@ -49,7 +45,7 @@ class LearnedRadii:
         p = self.p = packing
         self.s = settings or FtpConfig()
         dev = p.device
-        self.learned = torch.tensor([bool(getattr(c, "learned", False)) for c in p.cons], dtype=torch.bool,
+        self.learned = torch.tensor([c.learned for c in p.cons], dtype=torch.bool,
                                     device=dev)
         n = len(p.cons)
         fixed = [c.radius if c.action == "project" and c.radius is not None else math.inf for c in p.cons]
@@ -112,9 +108,7 @@ class LearnedRadii:
         """Row norms of c = W~ - W0 and the accumulated dot products in ONE reduce; update gamma; store c/n as the
         next direction; project onto gamma. Returns the rows (and diagonal elements) clipped."""
         p = self.p
-        from mars_dist.constraints.engine import _clip_diag, _rescale_rows  # noqa: PLC0415
-
-        row_part = _row_partials_of(p, ws)
+        row_part = _row_partials(p, ws, True, False)[0]
         _, d, _ = p.diag_values(ws)
         diag_abs = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, (d - p.diag_anchor).abs())
         totals, averaged = reduce(torch.cat([row_part, diag_abs, self._dot]), p.running_vars())
@@ -166,7 +160,7 @@ class LearnedRadii:
         1e-8, gamma_prev): exact in exact arithmetic for clipped and free rows alike; in float32 it is as good as
         W - W0 resolves the displacement (not at all for a radius at its 1e-8 floor). One extra reduce, once."""
         p = self.p
-        row_part = _row_partials_of(p, ws)
+        row_part = _row_partials(p, ws, True, False)[0]
         totals, _ = reduce(row_part, torch.zeros(0, device=p.device))
         radius = self.gamma.float()
         self._store_direction_rows(ws, 1.0 / torch.minimum(totals + NORM_EPS, radius[self.row_k]))
