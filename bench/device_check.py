@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mars_dist.constraints import Fragment, measure, project, select_constraints  # noqa: E402
+from mars_dist.sharding.masters import PretrainedWeights  # noqa: E402
 from mars_dist.hook import ProjectionHook  # noqa: E402
 from mars_dist.sharding import ReplicatedBackend  # noqa: E402
 
@@ -123,8 +124,9 @@ def zero3_bf16(device, offload: bool = False) -> dict:
     if offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         cfg["zero_force_ds_cpu_optimizer"] = False
+    pretrained = PretrainedWeights.capture(model)  # fp32, before DeepSpeed's bf16 cast
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    backend = ZeroBackend(constraints, engine)
+    backend = ZeroBackend(constraints, engine, pretrained)
     hook = ProjectionHook(backend)
     for _ in range(3):
         x = torch.randn(8, 3, 224, 224, device=engine.device, dtype=torch.bfloat16)

@@ -24,7 +24,7 @@ from mars_dist.hook import ProjectionHook
 from mars_dist.export import export_model
 from mars_dist.models import build_model, classifier_module_names, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
-from mars_dist.sharding import build_backend, zero_universal
+from mars_dist.sharding import PretrainedWeights, build_backend, zero_universal
 from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
                                                  model_placement)
 from mars_dist.tracking import Tracker, layer_metrics
@@ -152,10 +152,12 @@ def train(cfg: Config) -> dict:
                                 step_size, cfg.train.step_gamma)
     if universal:
         zero_universal.enable(accelerator)
+    pretrained = PretrainedWeights.capture(model)  # before DeepSpeed casts it: the fp32 masters start from these
     model, optimizer, train_loader, val_loader, test_loader, fit_loader = accelerator.prepare(
         model, optimizer, train_loader, val_loader, test_loader, fit_loader)
     accelerator.register_for_checkpointing(scheduler)
-    backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode)
+    backend = build_backend(accelerator, model, optimizer, constraints, cfg.constraint.mode, pretrained)
+    del pretrained
     backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")  # frozen statistics never differ across ranks
     hook = ProjectionHook(backend, cfg.constraint.ftp)  # ftp: the learned radii's settings (mars-ftp)
     learned_radii.attach(accelerator, hook, backend)  # mars-ftp: the radii and their state go into checkpoints

@@ -22,6 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mars_dist.constraints import Constraint
 from mars_dist.sharding.base import Backend
+from mars_dist.sharding.masters import PretrainedWeights
 from mars_dist.sharding.replicated import ReplicatedBackend
 
 MODES = ("sharded", "gather")
@@ -119,13 +120,16 @@ def build_fsdp2_backend(model: nn.Module, optimizer, constraints: list[Constrain
 
 
 def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Constraint],
-                  mode: str = "sharded") -> Backend:
+                  mode: str = "sharded", pretrained: PretrainedWeights | None = None) -> Backend:
     """Pick the backend for how `accelerator` prepared `model` / `optimizer` (call right after prepare, before
     any update: anchors are read from the weights at that moment).
 
     mode 'sharded' projects this rank's fragments of the fp32 masters with one all-reduce of partial row sums;
     'gather' is the reference that gathers every constrained parameter (sharded setups only; replicated setups hold
     whole parameters already, so both modes are the same there).
+    pretrained: the weights as loaded, captured before prepare (`PretrainedWeights.capture`). Under DeepSpeed they
+    are written into the fp32 masters first (its bf16/fp16 modes build the masters from a rounded copy; required
+    there); elsewhere the parameters never left fp32 and it is not needed.
     """
     from accelerate.utils import DistributedType
 
@@ -139,7 +143,7 @@ def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Co
         from mars_dist.sharding.gather import GatherBackend
         from mars_dist.sharding.zero import ZeroBackend
 
-        backend = ZeroBackend(constraints, model)  # `model` is the DeepSpeedEngine accelerate returned
+        backend = ZeroBackend(constraints, model, pretrained)  # `model` is the DeepSpeedEngine accelerate returned
         backend.verify_coverage()
         return GatherBackend(backend) if mode == "gather" else backend
     if kind == DistributedType.FSDP:
@@ -151,6 +155,7 @@ def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Co
     raise NotImplementedError(f"no projection backend for distributed type {kind}")
 
 
-__all__ = ["AnchorLayoutError", "Backend", "MODES", "ReplicatedBackend", "build_backend", "build_fsdp2_backend",
+__all__ = ["AnchorLayoutError", "Backend", "MODES", "PretrainedWeights", "ReplicatedBackend", "build_backend",
+           "build_fsdp2_backend",
            "check_anchor_layout", "inner_optimizer", "named_parameters", "register_after_step_hook",
            "weak_callable"]

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                             safe_set_local_fp32_param)
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mars_dist.constraints import Constraint, Fragment, add_penalty_grads, full_shape
@@ -37,6 +38,7 @@ from mars_dist.constraints.selection import rebind_running_vars
 from mars_dist.sharding import (named_parameters, register_after_step_hook,
                                 weak_callable)
 from mars_dist.sharding.base import Backend
+from mars_dist.sharding.masters import LOCAL_ATTR, PretrainedWeights
 
 
 def check_offload(engine, optimizer: torch.optim.Optimizer) -> bool:
@@ -65,6 +67,45 @@ def check_offload(engine, optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def restore_masters(engine, pretrained: PretrainedWeights) -> dict:
+    """Write the pretrained values into this rank's fp32 masters of every trainable parameter, through DeepSpeed's
+    own setters (ZeRO-3: the local partition; ZeRO-1/2 and bf16_optimizer: the fragment of the full value this rank
+    owns; both local copies, no collective). The low-precision forward copies need no refresh: they were cast from
+    these same values. Returns counts: parameters written, elements that differed from what DeepSpeed had built."""
+    written = differed = 0
+    for name, p in named_parameters(engine.module).items():
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "ds_id"):  # ZeRO-3
+            part = p.ds_tensor.numel()
+            start = dist.get_rank(p.ds_process_group) * part
+            numel = max(0, min(part, p.ds_numel - start))
+            values = pretrained.fragment(name, start, numel)
+            if values is None:
+                continue
+            current = safe_get_local_fp32_param(p).detach().to("cpu", torch.float32)
+            new = current.clone()
+            new[:numel] = values  # the padding tail keeps what it holds
+            differed += int((new != current).sum())
+            safe_set_local_fp32_param(p, new.to(safe_get_local_fp32_param(p).device))
+        else:
+            if name not in pretrained.whole:
+                continue
+            full = pretrained.whole[name].float().reshape(p.shape)
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                frag = mapping.hp_fragment
+                address = mapping.lp_fragment_address
+                differed += int((frag.detach().cpu() != full.reshape(-1).narrow(0, address.start, address.numel)
+                                 ).sum())
+            safe_set_full_fp32_param(p, full.to(p.device))  # writes only the fragment this rank owns
+        written += 1
+        if hasattr(p, LOCAL_ATTR):
+            delattr(p, LOCAL_ATTR)
+    pretrained.release()
+    return {"parameters": written, "elements_changed": differed}
+
+
 @dataclass
 class _Slot:
     """Where this rank's fragment of one constrained parameter is: flat fp32 tensor `group`, elements
@@ -81,7 +122,7 @@ class ZeroBackend(Backend):
 
     name = "zero"
 
-    def __init__(self, constraints: list[Constraint], engine):
+    def __init__(self, constraints: list[Constraint], engine, pretrained: PretrainedWeights | None = None):
         super().__init__(constraints)
         self.engine = engine
         self.zero = engine.optimizer
@@ -104,8 +145,16 @@ class ZeroBackend(Backend):
             raise KeyError(f"constrained parameters not found in the DeepSpeed module: {missing[:5]}")
         group_of = {id(p): k for k, ps in enumerate(self._param_lists()) for p in ps}
         self.slots = [self._slot(params[c.name], group_of[id(params[c.name])], c) for c in constraints]
-        # Anchors: read from the master right after prepare (= the pretrained weights; bf16: bf16(pretrained),
-        # which is exactly what DeepSpeed initialised the master from). Same layout as the fragments.
+        self.low_precision = bool(engine.bfloat16_enabled() or engine.fp16_enabled())
+        if pretrained is not None:
+            self.masters_restored = restore_masters(engine, pretrained)
+        elif self.low_precision:
+            raise ValueError(
+                "DeepSpeed bf16/fp16 built the fp32 masters from the low-precision copy of the model: anchors read "
+                "from them would be a rounded copy of the pretrained weights, and the bound would not hold around "
+                "the weights you started from. Capture them before prepare (PretrainedWeights.capture(model)) and "
+                "pass them as `pretrained`")
+        # Anchors: read from the masters, which now hold the pretrained weights exactly. Same layout as the fragments.
         self.pack(self.fragments())
         actions = {c.action for c in constraints}
         self.phase = "pre" if "penalty" in actions else "post"

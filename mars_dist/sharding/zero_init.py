@@ -23,6 +23,7 @@ from torch import nn
 
 from mars_dist.constraints import full_shape
 from mars_dist.placement import Whole
+from mars_dist.sharding.masters import LOCAL_ATTR, record_partition
 
 
 def _transformers_deepspeed():
@@ -96,6 +97,9 @@ class ZeroInit(Whole):
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             yield dist.get_rank() == 0
+        for p in params:  # rewritten in the training dtype: the fp32 partition recorded at creation is stale
+            if hasattr(p, LOCAL_ATTR):
+                record_partition(p, 0, None)
 
     def shape(self, tensor: torch.Tensor) -> tuple[int, ...]:
         return full_shape(tensor)
@@ -142,6 +146,11 @@ class ZeroInit(Whole):
                         p.copy_(pending[prefix + n])
                     p.data = p.data.to(self.dtype)
             deepspeed.zero.Init(module=module, config_dict_or_path=self.config, mem_efficient_linear=False)
+            for n, _ in meta:  # this rank's partition of the values as loaded, before any cast (sharding/masters.py)
+                p = module._parameters[n]
+                start = dist.get_rank(p.ds_process_group) * p.ds_tensor.numel()
+                value = pending[prefix + n].reshape(-1)[start:start + p.ds_tensor.numel()] if n in loaded else None
+                record_partition(p, start, None if value is None else value.float().clone())
 
     @staticmethod
     def _default_init(module: nn.Module, names: list[str]) -> None:

@@ -31,7 +31,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 from mars_dist.constraints import project
 from mars_dist.hook import ProjectionHook
-from mars_dist.sharding import AnchorLayoutError, build_backend
+from mars_dist.sharding import AnchorLayoutError, PretrainedWeights, build_backend
 
 
 def full_weights(engine, stage: int) -> tuple[dict, dict]:
@@ -71,13 +71,13 @@ class Run:
         self.stage = cfg["zero_optimization"]["stage"]
         acc.deepspeed_engine_wrapped = None
         model = common.build_model(self.c["model"])
+        # the bound is checked around the fp32 weights the model was built with, also in bf16 (not DeepSpeed's cast)
         self.pretrained = {n: p.detach().clone() for n, p in model.named_parameters()}
-        if self.c["bf16"]:  # DeepSpeed initialises the fp32 master from the bf16-cast module
-            self.pretrained = {n: p.bfloat16().float() for n, p in self.pretrained.items()}
         self.constraints = common.constraints_for(model, self.c)
         opt = common.make_optimizer(model, self.c["groups"])
+        captured = PretrainedWeights.capture(model)
         self.engine, self.opt = acc.prepare(model, opt)
-        self.backend = build_backend(acc, self.engine, self.opt, self.constraints, self.c["mode"])
+        self.backend = build_backend(acc, self.engine, self.opt, self.constraints, self.c["mode"], captured)
         self.hook = ProjectionHook(self.backend)
         self.dtype = torch.bfloat16 if self.c["bf16"] else torch.float32
         self.rank = acc.process_index
