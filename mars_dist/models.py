@@ -191,6 +191,8 @@ def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bo
     config = AutoConfig.from_pretrained(name)
     if not keep_head:
         config.num_labels = num_classes  # the setter rebuilds id2label/label2id to match
+    if placement.partitioned:
+        return _build_hf_partitioned(name, pretrained, config, keep_head, placement)
     fresh = not keep_head
     with placement.transformers():
         if pretrained == "hub":
@@ -205,6 +207,40 @@ def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bo
         with placement.modules():
             _fresh_hf_head(hf, num_classes)  # a same-size pretrained head would otherwise survive
     return HFClassifier(hf, source_dir=name if _is_hf_dir(name) else None), fresh
+
+
+def _build_hf_partitioned(name: str, pretrained: str, config, keep_head: bool,
+                          placement: Whole) -> tuple[HFClassifier, bool]:
+    """Created on the meta device; the checkpoint's tensors (a save_pretrained directory, the hub, or a weights
+    file) are handed to the placement by the model's own names, which fills and partitions one module at a time."""
+    from transformers import AutoModelForImageClassification
+
+    from mars_dist import hf_partitioned
+
+    with placement.transformers():
+        model = HFClassifier(AutoModelForImageClassification.from_config(config),
+                             source_dir=name if _is_hf_dir(name) else None)
+    if pretrained == "none":
+        return model, not keep_head
+    if pretrained == "hub":
+        path, state = name, hf_partitioned.read_checkpoint(hf_partitioned.hub_directory(name))
+    else:
+        path, state = pretrained, _read_state_file(pretrained)
+        if all(k.startswith("hf_model.") for k in state):  # our own state_dict (HFClassifier)
+            state = {k[len("hf_model."):]: v for k, v in state.items()}
+    state = {f"hf_model.{k}": v for k, v in hf_partitioned.to_model_names(model.hf_model, state).items()}
+    own = _state_shapes(model, placement)
+    head = [h + "." for h in classifier_module_names(model)]
+    in_head = lambda k: k.startswith(tuple(head))  # noqa: E731
+    # hub: a new head whatever its size (as from_pretrained + _fresh_hf_head); a file: only if the size differs
+    dropped = sorted(k for k, v in state.items() if in_head(k) and not keep_head and
+                     (pretrained == "hub" or (k in own and tuple(v.shape) != own[k])))
+    state = {k: v for k, v in state.items() if k not in dropped}
+    bad = [f"{k} {tuple(v.shape)} vs model {own[k]}" for k, v in state.items() if k in own and tuple(v.shape) != own[k]]
+    if bad:
+        raise ValueError(f"{path}: shape mismatch outside the classifier head: {'; '.join(bad[:5])}")
+    _load_state(model, state, path, placement, allow_missing=tuple(dropped))
+    return model, bool(dropped)
 
 
 def _load_hf_file(cls, config, path: str) -> tuple[nn.Module, list[str]]:

@@ -60,8 +60,7 @@ class WholeUnderZero3(Whole):
 class ZeroInit(Whole):
     """Parameters partitioned at creation; pretrained weights loaded into the partitions.
 
-    Hugging Face models: transformers' own ZeRO-3 integration (from_config / from_pretrained under zero.Init).
-    timm models: not inside zero.Init itself — timm's model-level init (EfficientNet's, ResNet's) runs after the
+    timm and Hugging Face models alike: not inside zero.Init itself — timm's model-level init (EfficientNet's, ResNet's) runs after the
     children are partitioned and divides by their empty shapes. Instead the parameters are created on the meta device
     (accelerate's `init_empty_weights`, buffers stay real: some are computed in __init__), and `finish` then turns them
     into ZeRO-3 partitions one module at a time, children first: materialise that module's own parameters, fill them
@@ -86,10 +85,16 @@ class ZeroInit(Whole):
 
     @contextlib.contextmanager
     def transformers(self) -> Iterator[None]:
+        """Hugging Face models are created like timm's (on the meta device, loaded and partitioned by `finish`),
+        not by transformers' own zero.Init loading (mars_dist/hf_partitioned.py says why): transformers is told
+        nothing of ZeRO-3 while the model is created."""
         hf_ds = _transformers_deepspeed()
-        if not hf_ds.is_deepspeed_zero3_enabled():
-            self.plugin.set_deepspeed_weakref()
-        yield  # transformers' from_config / from_pretrained enter zero.Init and load into partitions themselves
+        hf_ds.unset_hf_deepspeed_config()
+        try:
+            with self.modules():
+                yield
+        finally:
+            self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
 
     @contextlib.contextmanager
     def edit(self, params: list[nn.Parameter]) -> Iterator[bool]:
