@@ -7,7 +7,9 @@ projected around bf16(W0) passes against bf16(W0) and fails against the fp32 pre
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -74,6 +76,25 @@ def test_certify_catches_a_bf16_cast_anchor(lite0):
     matrices = [c for c in report.over if c.role == "matrix"]
     assert matrices and report.worst_ratio > 1.01, report.worst_ratio
     assert "FAILED" in report.lines()[-1] and matrices[0].name in report.lines()[-1]
+
+
+def ulps_up(w: torch.Tensor, n: int) -> torch.Tensor:
+    for _ in range(n):
+        w = torch.nextafter(w, torch.full_like(w, math.inf))
+    return w
+
+
+def test_tolerance_is_one_float32_spacing_per_element(lite0):
+    """A radius at mars-ftp's 1e-8 floor: weights one float32 step from W0 are as close as float32 can place them
+    (pass); three steps are not (fail). The projection's 1e-5 relative slack is nothing at such a radius."""
+    model, weights = lite0
+    c = next(c for c in select_constraints(model, classifier_module_names(model), "mars-pgm", 1.0, 1.0)
+             if c.name == "blocks.2.0.conv_pw.weight")
+    c = dataclasses.replace(c, radius=1e-8)
+    for steps, passes in ((1, True), (3, False)):
+        export = {**weights, c.name: ulps_up(weights[c.name], steps)}
+        report = certify(export, weights, [c], "the bundled file")
+        assert report.passed is passes and report.worst_ratio > 10, (steps, report.worst_ratio)
 
 
 def test_the_projection_around_fp32_anchors_passes_and_penalties_certify_nothing(lite0):
