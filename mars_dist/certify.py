@@ -136,20 +136,15 @@ def _running_var(weights: Mapping[str, torch.Tensor], name: str, which: str) -> 
 
 def _certify_layer(c: Constraint, w32: torch.Tensor, w0: torch.Tensor | None, var: torch.Tensor | None,
                    var0: torch.Tensor | None, radius: float | None) -> LayerCertificate:
-    w = w32.detach().double()
-    w0 = w0.detach() if w0 is not None else None
+    w = w32.double()
     if c.kind == "rows":
         rows = w.reshape(c.shape[0], -1)
         dev = rows - (w0.double().reshape(rows.shape) if w0 is not None else 0.0)
-        row_l1 = dev.abs().sum(1)
-        allow = spacing(w32).reshape(rows.shape)
-        if c.norm == "l2":
-            distance, allowance = float(dev.norm()), float(allow.norm())
-            excess = distance - allowance - radius * (1 + RELATIVE_TOLERANCE) if radius else -math.inf
-        else:
-            distance = float(row_l1.max())
-            excess = float((row_l1 - allow.sum(1) - radius * (1 + RELATIVE_TOLERANCE)).max()) if radius else -math.inf
-        return LayerCertificate(c.name, c.role, radius, distance, float(row_l1.max()),
+        row_l1, allow = dev.abs().sum(1), spacing(w32).reshape(rows.shape)
+        # L2 balls: the Frobenius norms of the deviation and of the spacings (triangle inequality)
+        dist, allowance = (dev.norm(), allow.norm()) if c.norm == "l2" else (row_l1, allow.sum(1))
+        excess = float((dist - allowance).max()) - radius * (1 + RELATIVE_TOLERANCE) if radius else -math.inf
+        return LayerCertificate(c.name, c.role, radius, float(dist.max()), float(row_l1.max()),
                                 float(rows.abs().sum(1).max()), excess)
     scale = torch.sqrt(var + c.bn_eps) if var is not None else torch.ones_like(w.flatten())
     scale0 = torch.sqrt(var0 + c.bn_eps) if var0 is not None else torch.ones_like(w.flatten())
@@ -181,7 +176,8 @@ def certify(export_weights: Mapping[str, torch.Tensor], pretrained_weights: Mapp
         if c.role == "bn":
             var, var0 = _running_var(export_weights, c.name, "export"), _running_var(pretrained_weights, c.name,
                                                                                        "pretrained")
-        layers.append(_certify_layer(c, export_weights[c.name].detach().float(), w0, var, var0, radius))
+        layers.append(_certify_layer(c, export_weights[c.name].detach().float(), None if w0 is None else w0.detach(),
+                                     var, var0, radius))
     return CertifyReport(layers, against, note)
 
 
