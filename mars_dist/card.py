@@ -114,8 +114,9 @@ def certificate_text(certificate) -> str:
             f"the run's {len(certificate.layers)} constrained layers (`mars-dist certify` repeats the check).")
     if certificate.passed is None:
         return f"{what} Nothing was certified: {certificate.note or 'no layer has a radius'}."
-    verdict = ("**Passed**: every layer is within its radius" if certificate.passed else
-               f"**Failed**: over the radius: {', '.join(f'`{c.name}`' for c in certificate.over[:10])}")
+    over = ", ".join(f"`{c.name}`" for c in certificate.over[:10])
+    over += f" and {len(certificate.over) - 10} more" if len(certificate.over) > 10 else ""
+    verdict = "**Passed**: every layer is within its radius" if certificate.passed else f"**Failed**: over: {over}"
     note = f" {certificate.note}." if certificate.note else ""
     return (f"{what}{note} {verdict}; largest distance / radius {certificate.worst_ratio:.6f} "
             f"(`{certificate.worst_layer}`), {certificate.at_bound} layers at the bound, bound term C "
