@@ -105,12 +105,31 @@ def _layer_rows(stats: Sequence) -> str:
     return "\n".join(rows)
 
 
+def certificate_text(certificate) -> str:
+    """The card's "Certificate" section: what was certified against what (a mars_dist.certify.CertifyReport)."""
+    if certificate is None:
+        return "Not certified."
+    what = (f"The fp32 weights of this export were checked against the pretrained weights loaded from "
+            f"{certificate.against} (not the run's own copy of them), with distances recomputed in float64 for "
+            f"the run's {len(certificate.layers)} constrained layers (`mars-dist certify` repeats the check).")
+    if certificate.passed is None:
+        return f"{what} Nothing was certified: {certificate.note or 'no layer has a radius'}."
+    over = ", ".join(f"`{c.name}`" for c in certificate.over[:10])
+    over += f" and {len(certificate.over) - 10} more" if len(certificate.over) > 10 else ""
+    verdict = "**Passed**: every layer is within its radius" if certificate.passed else f"**Failed**: over: {over}"
+    note = f" {certificate.note}." if certificate.note else ""
+    return (f"{what}{note} {verdict}; largest distance / radius {certificate.worst_ratio:.6f} "
+            f"(`{certificate.worst_layer}`), {certificate.at_bound} layers at the bound, bound term C "
+            f"{certificate.C:.3f}. Tolerance: {certificate.tolerance}.")
+
+
 def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: Sequence, accelerator=None,
-                     class_names: Sequence[str] | None = None) -> Path:
+                     class_names: Sequence[str] | None = None, certificate=None) -> Path:
     """Write export_dir/README.md (+ layers.png, training_config.yaml); returns the README path.
 
     result: the trainer's result (test_accuracy, test_loss, test_images, val_accuracy, updates, chance, bound_C).
     stats: the final per-layer LayerStats. accelerator: for the launch facts (processes, DeepSpeed, precision).
+    certificate: the export's certificate (mars_dist.certify.CertifyReport), or None.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -199,6 +218,10 @@ bound; smaller is a tighter bound.
 
 </details>
 
+## Certificate
+
+{certificate_text(certificate)}
+
 ## How to use
 
 ```python
@@ -210,8 +233,8 @@ bound; smaller is a tighter bound.
 ## Weights and precision
 
 The weights are fp32. Under DeepSpeed (ZeRO-1/2/3) the exported weights are the fp32 master weights, on which the
-projection runs and the bound holds exactly, also for bf16 runs (mixed precision of this run:
-{cfg.train.mixed_precision}).
+projection runs (mixed precision of this run: {cfg.train.mixed_precision}); the certificate above says whether the
+bound holds around the pretrained weights.
 
 ## Reproduce
 

@@ -1,7 +1,7 @@
 """`mars-dist train CONFIG [key=value ...]`, `mars-dist sweep CONFIG [key=value ...] --trials N`,
 `mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`; after training: `mars-dist eval EXPORT_OR_RUN_DIR
 [key=value ...]`, `mars-dist predict EXPORT_DIR IMAGE_OR_FOLDER ... [--top-k K] [--output predictions.csv]`,
-`mars-dist report RUN_DIR`.
+`mars-dist report RUN_DIR`, `mars-dist certify RUN_DIR_OR_EXPORT [--pretrained SOURCE] [--json FILE]`.
 
 The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
 """
@@ -85,6 +85,19 @@ def _report(args) -> int:
     return 0
 
 
+def _certify(args) -> int:
+    from mars_dist.certify import certify_export
+
+    report = certify_export(args.target, pretrained=args.pretrained)
+    print("\n".join(report.lines()))
+    if args.json:
+        rows = [{"name": c.name, "role": c.role, "distance": c.distance, "radius": c.radius, "ratio": c.ratio,
+                 "over": c.over} for c in report.layers]
+        with open(args.json, "w") as f:
+            json.dump({**report.summary(), "per_layer": rows}, f, indent=1)
+    return 1 if report.passed is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars-dist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--output", default=None, help="HTML file (default RUN_DIR/report.html)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("certify", help="check every constrained layer of an export against its radius around the "
+                                       "pretrained weights from their source (float64); exit 1 when one is over")
+    p.add_argument("target", help="a run directory or an export folder")
+    p.add_argument("--pretrained", default=None, help="'bundled', 'hub', a weights file or a save_pretrained "
+                                                      "directory (default: the run's model.pretrained)")
+    p.add_argument("--json", default=None, help="also write the certificate and the per-layer rows to this file")
+    p.set_defaults(func=_certify)
     return parser
 
 

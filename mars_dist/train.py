@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from mars_dist import checkpoint as ckpt
 from mars_dist import elastic, learned_radii, resume_guard
 from mars_dist.card import write_model_card
+from mars_dist.certify import certify_export
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
 from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
@@ -277,7 +278,11 @@ def train(cfg: Config) -> dict:
         export.load_state_dict(full_state)
         export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg,
                      class_names=splits.class_names)
-        write_model_card(out / "export", cfg, result, stats, accelerator)  # README.md: the facts of this run
+        # against the pretrained weights from their source, with the radii the run ended with (learned: mars-ftp)
+        certificate = certify_export(out / "export", radii={s.name: s.radius for s in stats})
+        result["certificate"] = certificate.summary()
+        accelerator.print(f"certify: {certificate.lines()[-1]}")
+        write_model_card(out / "export", cfg, result, stats, accelerator, certificate=certificate)  # README.md
     tracker.finish(stats, result, export_dir=out / "export")  # + the export as a W&B model artifact
     accelerator.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / num_classes:.3f})")
     accelerator.wait_for_everyone()
