@@ -199,3 +199,32 @@ def test_loader_keys_are_validated(override, message):
     cfg = load(None, ["data.num_workers=3", "data.pin_memory=true", "data.cache_decoded=false"]).data
     assert (cfg.num_workers, cfg.pin_memory, cfg.cache_decoded) == (3, True, False)
     assert load(None).data.num_workers == "auto"
+
+
+@pytest.mark.slow
+def test_trainer_with_workers_resumed_across_an_epoch_equals_an_in_process_run(tmp_path):
+    """End to end: 8 updates of 5 a epoch, loaded in-process and uncached, against the same run with 2 persistent
+    workers and the cache, stopped after update 6 (mid epoch 1) and resumed: bit-identical weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from mars_dist import checkpoint as ckpt
+    from mars_dist.train import train
+
+    def run(out, *overrides):
+        return train(load(None, [
+            f"output_dir={out}", "data.image_size=32", "data.train_per_class=4", "data.val_per_class=1",
+            "data.test_limit=10", "train.batch_size=8", "train.max_steps=8", "train.eval_every_epoch=false",
+            "tracking.wandb_mode=disabled", *overrides]))
+
+    run(tmp_path / "whole", "data.num_workers=0", "data.cache_decoded=false")
+    fast = ("data.num_workers=2", "data.persistent_workers=true", "data.cache_decoded=true")
+    part = tmp_path / "part"
+    run(part, *fast, "checkpoint.every_steps=3", "checkpoint.keep_last=5")
+    for later in ckpt.list_checkpoints(part)[2:]:  # as if the job died after update 6
+        shutil.rmtree(later)
+    assert ckpt.latest_checkpoint(part).name == "step_00000006"
+    assert run(part, *fast, "resume=auto")["updates"] == 8
+    a, b = (load_file(str(p / "export" / "model.safetensors")) for p in (tmp_path / "whole", part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
