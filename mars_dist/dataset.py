@@ -93,7 +93,9 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         item_seed = (self.seed * 1_000_003 + int(epoch)) * 10_000_019 + int(i)
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
+            # the CPU generator only (what the transforms draw from): torch.manual_seed also queues a seed for every
+            # CUDA device and records the caller's stack for it, which cost more than the transforms at 64 px
+            torch.default_generator.manual_seed(item_seed)
             random.seed(item_seed)  # timm's RandomResizedCropAndInterpolation draws from `random`
             try:
                 x = self.transform(image)

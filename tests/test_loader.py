@@ -155,6 +155,18 @@ def test_decoded_cache_gives_the_same_batches(split, accelerator, reference):
     assert _differing(reference, resumed) == []
 
 
+def test_items_are_augmented_as_before_the_pipeline_change(split):
+    """Seeding only the CPU generator draws what torch.manual_seed did: runs resumed across the change match."""
+    import random
+
+    ds = _dataset(split)
+    for epoch, i in ((0, 0), (1, 7), (5, 19)):
+        seed = (SEED * 1_000_003 + epoch) * 10_000_019 + i
+        torch.manual_seed(seed)
+        random.seed(seed)
+        assert torch.equal(ds[(epoch, i)][0], ds.transform(split[i]["image"]))
+
+
 def test_auto_cache_follows_the_size_estimate_and_says_what_it_takes(split):
     said = []
     estimate = estimate_decoded_bytes(split)
