@@ -5,6 +5,7 @@ loader as the trainer drives it (set_epoch on loader and dataset, skip_first_bat
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 import torch
@@ -31,8 +32,15 @@ def split():
 
 
 @pytest.fixture(scope="module")
-def accelerator():
+def accelerator_once():
     return make_accelerator(1, "no", None)  # the trainer's (seedable sampler)
+
+
+@pytest.fixture
+def accelerator(accelerator_once):
+    yield accelerator_once
+    accelerator_once.free_memory()  # it holds every prepared loader: let them and their persistent workers go
+    gc.collect()
 
 
 class _WithIndex(ImageClassificationDataset):
@@ -86,9 +94,9 @@ def _check_each_item_has_its_epochs_augmentation(got: dict, split) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(split, accelerator):
+def reference(split, accelerator_once):
     ds = _dataset(split)
-    got = _run(_prepared(accelerator, ds, _settings(0)), ds)
+    got = _run(_prepared(accelerator_once, ds, _settings(0)), ds)
     assert len(got) == EPOCHS * 5
     _check_each_item_has_its_epochs_augmentation(got, split)
     # epochs differ (another order and another augmentation), so repeating epoch 0 could not go unseen
