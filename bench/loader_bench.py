@@ -11,9 +11,9 @@ deliver, the ceiling on the trainer's images/s. Two sources of the same few-shot
   data set: decoding is a large share of the work, which is what the cache removes).
 Each configuration twice: the loader alone, and with a simulated accelerator step of --step-ms per batch (the main
 process sleeps: the overlap of loading with training that workers buy, which the loader alone cannot show; with
-0 workers the two add up). Each measurement: one warm-up epoch (worker start, first touches; reported apart), then --epochs timed epochs;
-configurations are interleaved over --rounds rounds and the median per configuration is reported, because these
-machines are shared and noisy. The cache's one-off decoding time and memory are reported too.
+0 workers the two add up). Each measurement: one warm-up epoch (worker start, first touches; reported apart), then
+--epochs timed epochs; configurations are interleaved over --rounds rounds and the median per configuration is
+reported, because these machines are shared and noisy. The cache's one-off decoding time and memory are reported too.
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def main() -> None:
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "usable_cpus": usable_cpus(),
                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                        "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "note": args.note},
-           "settings": {"size": args.size, "images": len(split), "batch": args.batch, "epochs_timed": args.epochs, "step_ms": args.step_ms,
+           "settings": {"size": args.size, "images": len(split), "batch": args.batch, "epochs_timed": args.epochs,
+                        "step_ms": args.step_ms,
                         "rounds": args.rounds, "persistent_workers": True, "prefetch_factor": 2},
            "results": results}
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -229,7 +229,8 @@ CHOICES = {
 }
 POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "train.batch_size",
             "train.grad_accum", "train.lr", "constraint.bn_eps", "train.log_every", "train.step_size",
-            "data.train_per_class", "data.val_per_class", "data.prefetch_factor", "data.cache_max_bytes", "data.test_limit", "train.max_steps", "train.epochs",
+            "data.train_per_class", "data.val_per_class", "data.test_limit", "train.max_steps", "train.epochs",
+            "data.prefetch_factor", "data.cache_max_bytes",
             "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials",
             "train.step_size_epochs", "train.collective_timeout_s", "constraint.ftp.lr", "constraint.ftp.eps",
             "constraint.ftp.init_radius"}
