@@ -183,10 +183,20 @@ def certify(export_weights: Mapping[str, torch.Tensor], pretrained_weights: Mapp
 
 # ---------------------------------------------------------------- loading what is compared
 def certify_export(target: str | Path, pretrained: str | None = None,
-                   radii: Mapping[str, float] | None = None) -> CertifyReport:
+                   radii: Mapping[str, float] | None = None, placement=None) -> CertifyReport:
     """Certify a run's export (RUN_DIR or an export folder) against the pretrained weights from `pretrained`
     ('bundled', 'hub', a weights file, a save_pretrained directory; default: the run's model.pretrained).
-    `radii`: the learned radii the run ended with (mars-ftp); default RUN_DIR/layers.json."""
+    `radii`: the learned radii the run ended with (mars-ftp); default RUN_DIR/layers.json. `placement`: how the
+    models are built whole in this process (the trainer's one rank under a ZeRO-3 launch must keep transformers
+    from building them partitioned: a collective only one rank would enter)."""
+    from mars_dist.placement import WHOLE
+
+    placement = placement or WHOLE
+    with placement.transformers():
+        return _certify_export(target, pretrained, radii, placement)
+
+
+def _certify_export(target, pretrained, radii, placement) -> CertifyReport:
     from mars_dist.config import load
     from mars_dist.constraints import select_constraints
     from mars_dist.export import find_export
@@ -203,7 +213,7 @@ def certify_export(target: str | Path, pretrained: str | None = None,
         return CertifyReport([], "nowhere", f"model.pretrained is 'none' in {config_file}: the run started from a "
                                             f"random initialisation; pass --pretrained to certify against weights")
     name, spec, against = _pretrained_source(cfg.model.name, source)
-    model = build_model(name, spec, _num_classes(export), source=cfg.model.source)
+    model = build_model(name, spec, _num_classes(export), source=cfg.model.source, placement=placement)
     c = cfg.constraint
     constraints = select_constraints(model, classifier_module_names(model), c.method, c.radius, c.head_radius,
                                      c.penalty, c.head_penalty, [(g.pattern, g.radius) for g in c.groups],

@@ -91,7 +91,7 @@ def _set_train_mode(model, bn_mode: str) -> None:
 
 def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg.train.grad_accum, cfg.train.mixed_precision, cfg.train.grad_clip,
-                                   cfg.train.collective_timeout_s)
+                                   cfg.train.collective_timeout_s, micro_batch=cfg.train.batch_size)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
@@ -277,7 +277,8 @@ def train(cfg: Config) -> dict:
         export_model(export, out / "export", cfg.model.name, num_classes, cfg.model.source, data_config=data_cfg,
                      class_names=splits.class_names)
         # against the pretrained weights from their source, with the radii the run ended with (learned: mars-ftp)
-        certificate = certify_export(out / "export", radii={s.name: s.radius for s in stats})
+        certificate = certify_export(out / "export", radii={s.name: s.radius for s in stats},
+                                     placement=model_placement(accelerator, whole=True))
         result["certificate"] = certificate.summary()
         accelerator.print(f"certify: {certificate.lines()[-1]}")
         write_model_card(out / "export", cfg, result, stats, accelerator, certificate=certificate)  # README.md

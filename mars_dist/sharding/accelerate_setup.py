@@ -11,7 +11,7 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs
 
 
 def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | None,
-                     collective_timeout_s: float | None = None) -> Accelerator:
+                     collective_timeout_s: float | None = None, micro_batch: int | None = None) -> Accelerator:
     """An Accelerator for this machine and launcher.
 
     On CPU the process-group backend must be given (gloo), and `cpu=True` too — without it accelerate under
@@ -28,7 +28,7 @@ def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | N
         cpu=on_cpu and not deepspeed,
         step_scheduler_with_optimizer=False,  # the trainer steps the LR schedule once per real update
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    configure_deepspeed(accelerator, grad_clip)
+    configure_deepspeed(accelerator, grad_clip, micro_batch)
     return accelerator
 
 
@@ -39,11 +39,13 @@ def process_group_kwargs(on_cpu: bool, timeout_s: float | None) -> InitProcessGr
     return InitProcessGroupKwargs(**kwargs)
 
 
-def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> None:
+def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None, micro_batch: int | None = None) -> None:
     """Make DeepSpeed's "auto" values match the single-process semantics of the config.
 
     accelerate fills an "auto" gradient_clipping with 1.0, which would clip under ZeRO but not without it and break
-    the equivalence between backends; set it from train.grad_clip (0 = off) instead.
+    the equivalence between backends; set it from train.grad_clip (0 = off) instead. An "auto" micro-batch is
+    taken from the trainer's batch size: accelerate would read it from the loaders, whose batches come from a batch
+    sampler (mars_dist/loader.py) and so have no `batch_size` attribute.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -51,6 +53,8 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None) -> No
     ds = plugin.deepspeed_config
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = float(grad_clip or 0.0)
+    if micro_batch and ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = int(micro_batch)
     ds.setdefault("zero_allow_untested_optimizer", True)  # we pass a plain torch optimizer (hooks live there)
     if (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none":
         # ZeRO-Offload: without this accelerate swaps our optimizer for DeepSpeedCPUAdam (sharding/zero.py)

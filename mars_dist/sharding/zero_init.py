@@ -50,11 +50,13 @@ class WholeUnderZero3(Whole):
     @contextlib.contextmanager
     def transformers(self) -> Iterator[None]:
         hf_ds = _transformers_deepspeed()
+        registered = hf_ds.is_deepspeed_zero3_enabled()  # re-entrant: an inner use must not re-register early
         hf_ds.unset_hf_deepspeed_config()
         try:
             yield
         finally:
-            self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
+            if registered:
+                self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
 
 
 class ZeroInit(Whole):
@@ -89,12 +91,14 @@ class ZeroInit(Whole):
         not by transformers' own zero.Init loading (mars_dist/hf_partitioned.py says why): transformers is told
         nothing of ZeRO-3 while the model is created."""
         hf_ds = _transformers_deepspeed()
+        registered = hf_ds.is_deepspeed_zero3_enabled()
         hf_ds.unset_hf_deepspeed_config()
         try:
             with self.modules():
                 yield
         finally:
-            self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
+            if registered:
+                self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
 
     @contextlib.contextmanager
     def edit(self, params: list[nn.Parameter]) -> Iterator[bool]:
