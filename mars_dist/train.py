@@ -100,7 +100,9 @@ def train(cfg: Config) -> dict:
     stop = _StopFlag()
     resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
     universal = False  # a ZeRO checkpoint of another world size goes through DeepSpeed's universal checkpoint
+    from_zero = False  # ... and so does a ZeRO checkpoint resumed without DeepSpeed
     if resume_from is not None:
+        from_zero = resume_guard.check_backend(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
         universal = elastic.check_world_size(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
 
     # ---- data and model (every rank builds the same, from the seed) ----
@@ -162,7 +164,8 @@ def train(cfg: Config) -> dict:
     learned_radii.attach(accelerator, hook, backend)  # mars-ftp: the radii and their state go into checkpoints
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
                 "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum(),
-                "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes)}
+                "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes),
+                "backend": resume_guard.backend_of(accelerator)}
 
     # ---- resume ----
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -172,6 +175,8 @@ def train(cfg: Config) -> dict:
         ckpt.check_identity(saved, identity, resume_from)
         if universal:  # anchors were packed above from the pretrained weights: rebuilt, checksum-checked
             zero_universal.load_state(accelerator, model, resume_from)
+        elif from_zero:
+            zero_universal.load_state_without_deepspeed(accelerator, model, optimizer, resume_from)
         else:
             accelerator.load_state(str(resume_from))
         step, epoch = saved["step"], saved["epoch"]
