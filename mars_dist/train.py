@@ -94,9 +94,6 @@ def train(cfg: Config) -> dict:
                                    cfg.train.collective_timeout_s)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save(cfg, out / "config.yaml")
     stop = _StopFlag()
     resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
     universal = False  # a ZeRO checkpoint of another world size goes through DeepSpeed's universal checkpoint
@@ -104,6 +101,9 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         from_zero = resume_guard.check_backend(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
         universal = elastic.check_world_size(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
+    if accelerator.is_main_process:  # after the checks: a refused resume leaves the run directory as it was
+        out.mkdir(parents=True, exist_ok=True)
+        save(cfg, out / "config.yaml")
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
