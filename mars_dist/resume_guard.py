@@ -103,7 +103,8 @@ def describe(backend: dict, world_size) -> str:
     n = f"{world_size} process{'es' if world_size != 1 else ''}" if world_size else "an unknown number of processes"
     if backend["kind"] == "deepspeed":
         stage = backend.get("zero_stage") or "1/2"
-        extra = " with ZeRO-Offload" if backend.get("offload") else " under zero.Init" if backend.get("zero3_init") else ""
+        extra = (" with ZeRO-Offload" if backend.get("offload") else
+                 " under zero.Init" if backend.get("zero3_init") else "")
         return f"DeepSpeed ZeRO-{stage}{extra} on {n}"
     if backend["kind"] == "fsdp2":
         return f"FSDP2 on {n}"
