@@ -125,11 +125,12 @@ def launch_for(backend: dict, world_size) -> str:
             "--num_processes N -m mars_dist train ... (DDP, any N)")  # saved whole: any world size loads it
 
 
-def check_backend(saved: dict, cfg: Config, accelerator, ckpt) -> bool:
-    """Before anything heavy is built: can this run's backend resume the checkpoint? Returns True when a DeepSpeed
-    checkpoint is to be loaded without DeepSpeed (one process or DDP) through DeepSpeed's universal checkpoint
-    (`sharding.zero_universal.load_state_without_deepspeed`); raises CheckpointError, in one line naming the
-    checkpoint's backend and the launch that resumes it, where the state cannot carry over."""
+def check_backend(saved: dict, cfg: Config, accelerator, ckpt) -> str | None:
+    """Before anything heavy is built: can this run's backend resume the checkpoint? Returns "from_zero" (a
+    DeepSpeed checkpoint loaded without DeepSpeed: `sharding.zero_universal.load_state_without_deepspeed`),
+    "to_zero" (a one-process / DDP checkpoint loaded under DeepSpeed: `sharding.zero_from_torch.load_state`), both
+    through DeepSpeed's universal checkpoint, or None (the same kind of backend). Raises CheckpointError, in one line
+    naming the checkpoint's backend and the launch that resumes it, where the state cannot carry over."""
     old, new = saved_backend(saved, ckpt), backend_of(accelerator)
     world = (saved.get("layout") or {}).get("world_size")
     written = f"checkpoint {ckpt} was written by {describe(old, world)}"
@@ -139,21 +140,17 @@ def check_backend(saved: dict, cfg: Config, accelerator, ckpt) -> bool:
         raise CheckpointError(f"{written}; this run is {here}, which cannot load it (DeepSpeed loads ZeRO partitions "
                               f"under the stage that wrote them); {resume}")
     if old["kind"] == new["kind"]:
-        return False  # another world size is elastic.check_world_size's business
-    if old["kind"] == "deepspeed" and new["kind"] == "torch":
+        return None  # another world size is elastic.check_world_size's business
+    if {old["kind"], new["kind"]} == {"deepspeed", "torch"}:
         from mars_dist.sharding.zero_universal import unsupported
 
         saved_cfg = saved.get("config") or {}
         why = unsupported(saved_cfg.get("train.optimizer", cfg.train.optimizer),
                           saved_cfg.get("train.amsgrad", cfg.train.amsgrad))
         if why is None:
-            accelerator.print(f"resume: {written}; this run is {here}: loading its fp32 masters and Adam moments "
+            accelerator.print(f"resume: {written}; this run is {here}: loading its fp32 weights and Adam moments "
                               f"through DeepSpeed's universal checkpoint")
-            return True
+            return "from_zero" if old["kind"] == "deepspeed" else "to_zero"
         raise CheckpointError(f"{written}; this run is {here}, which cannot load it: {why}; {resume}")
-    if new["kind"] == "deepspeed":
-        why = ("DeepSpeed loads only its own ZeRO partitions or universal checkpoints, and a checkpoint of "
-               f"{old['kind'] == 'fsdp2' and 'FSDP2' or 'one process / DDP'} is neither")
-    else:
-        why = "FSDP2 and DeepSpeed / DDP checkpoints hold the model and optimizer in different forms"
-    raise CheckpointError(f"{written}; this run is {here}, which cannot load it ({why}); {resume}")
+    raise CheckpointError(f"{written}; this run is {here}, which cannot load it (FSDP2 and DeepSpeed / DDP "
+                          f"checkpoints hold the model and optimizer in different forms); {resume}")
