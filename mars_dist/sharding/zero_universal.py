@@ -1,5 +1,6 @@
-"""Resuming a DeepSpeed ZeRO-1/2/3 checkpoint under another data-parallel world size, through DeepSpeed's own
-universal checkpoint (issue #10).
+"""Resuming a DeepSpeed ZeRO-1/2/3 checkpoint under another data-parallel world size (issue #10), or without
+DeepSpeed (one process / DDP, issue #16: `load_state_without_deepspeed`), through DeepSpeed's own universal
+checkpoint.
 
 A ZeRO checkpoint holds one optimizer partition per rank of the saving run; DeepSpeed loads it only under the same
 data-parallel world size. Its layout-free form is the universal checkpoint: `deepspeed.checkpoint.ds_to_universal`
