@@ -27,7 +27,7 @@ from mars_dist.loader import build_loader
 from mars_dist.export import export_model
 from mars_dist.models import build_model, classifier_module_names, resolve_data_config
 from mars_dist.optim import build_optimizer, build_scheduler
-from mars_dist.sharding import PretrainedWeights, build_backend, zero_universal
+from mars_dist.sharding import PretrainedWeights, build_backend, zero_from_torch, zero_universal
 from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
                                                  model_placement)
 from mars_dist.tracking import Tracker, layer_metrics
@@ -94,14 +94,16 @@ def train(cfg: Config) -> dict:
                                    cfg.train.collective_timeout_s, micro_batch=cfg.train.batch_size)
     set_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save(cfg, out / "config.yaml")
     stop = _StopFlag()
     resume_from = ckpt.resolve_resume(cfg.resume, out, accelerator.print)  # a bad path fails now, before heavy work
     universal = False  # a ZeRO checkpoint of another world size goes through DeepSpeed's universal checkpoint
+    cross = None  # ... and so does a checkpoint of another backend (DeepSpeed <-> one process / DDP)
     if resume_from is not None:
-        universal = elastic.check_world_size(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
+        cross = resume_guard.check_backend(ckpt.read_state(resume_from), cfg, accelerator, resume_from)
+        universal = elastic.check_world_size(ckpt.read_state(resume_from), cfg, accelerator, resume_from) and not cross
+    if accelerator.is_main_process:  # after the checks: a refused resume leaves the run directory as it was
+        out.mkdir(parents=True, exist_ok=True)
+        save(cfg, out / "config.yaml")
 
     # ---- data and model (every rank builds the same, from the seed) ----
     splits = build_splits(cfg.data.name, cfg.data.path, cfg.data.train_per_class, cfg.data.val_per_class,
@@ -149,7 +151,7 @@ def train(cfg: Config) -> dict:
     step_size = cfg.train.step_size_epochs * per_epoch if cfg.train.step_size_epochs else cfg.train.step_size
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, total_updates, cfg.train.warmup_steps,
                                 step_size, cfg.train.step_gamma)
-    if universal:
+    if universal or cross == "to_zero":
         zero_universal.enable(accelerator)
     pretrained = PretrainedWeights.capture(model)  # before DeepSpeed casts it: the fp32 masters start from these
     model, optimizer, train_loader, val_loader, test_loader, fit_loader = accelerator.prepare(
@@ -162,7 +164,8 @@ def train(cfg: Config) -> dict:
     learned_radii.attach(accelerator, hook, backend)  # mars-ftp: the radii and their state go into checkpoints
     identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained, "num_classes": num_classes,
                 "method": cfg.constraint.method, "anchor_checksum": backend.anchor_checksum(),
-                "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes)}
+                "config": resume_guard.math_keys(cfg), "layout": resume_guard.layout(cfg, accelerator.num_processes),
+                "backend": resume_guard.backend_of(accelerator)}
 
     # ---- resume ----
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -172,6 +175,10 @@ def train(cfg: Config) -> dict:
         ckpt.check_identity(saved, identity, resume_from)
         if universal:  # anchors were packed above from the pretrained weights: rebuilt, checksum-checked
             zero_universal.load_state(accelerator, model, resume_from)
+        elif cross == "from_zero":
+            zero_universal.load_state_without_deepspeed(accelerator, model, optimizer, resume_from)
+        elif cross == "to_zero":
+            zero_from_torch.load_state(accelerator, model, resume_from)
         else:
             accelerator.load_state(str(resume_from))
         step, epoch = saved["step"], saved["epoch"]
