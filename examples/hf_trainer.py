@@ -67,6 +67,15 @@ class JsonlLogger(TrainerCallback):
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def deepspeed_bf16_without_gpu(training_args: TrainingArguments) -> None:
+    """CPU-only machines (tests): transformers refuses bf16=True without a bf16 GPU, and use_cpu=True would switch
+    DeepSpeed off; DeepSpeed's own bf16 (bf16 weights, fp32 masters) runs on its CPU accelerator. Turn it on in the
+    DeepSpeed config the arguments already processed. Not needed (nor taken) on a GPU."""
+    training_args.bf16, training_args.mixed_precision = True, "bf16"
+    training_args.hf_deepspeed_config.config.setdefault("bf16", {})["enabled"] = True
+    training_args.hf_deepspeed_config._dtype = torch.bfloat16
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--radius", type=float, required=True)
@@ -89,13 +98,24 @@ def main() -> None:
     deepspeed = args.deepspeed
     if deepspeed is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         deepspeed = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # set by `accelerate launch` from its config
-    if world > 1 and not torch.cuda.is_available() and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")  # CPU: the Trainer would ask for a GPU backend
+    configured = {}
+    if deepspeed and world > 1 and not torch.cuda.is_available():
+        # CPU only (tests): the Trainer starts DeepSpeed without naming a process-group backend, which accelerate
+        # reads as "no distributed training" without a GPU; start the state with gloo and let the Trainer use it
+        from accelerate import PartialState
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        configured = {"accelerator_config": {"use_configured_state": True}}
+    cpu_bf16 = args.bf16 and deepspeed and not torch.cuda.is_available()
     training_args = TrainingArguments(
-        output_dir=str(args.output / "trainer"), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size // world,
-        learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, bf16=args.bf16,
-        deepspeed=deepspeed, logging_steps=1, save_strategy="no", report_to="none", seed=args.seed,
-        data_seed=args.seed, remove_unused_columns=False, dataloader_num_workers=0, use_cpu=False)
+        output_dir=str(args.output / "trainer"), max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size // world, learning_rate=args.lr, lr_scheduler_type="constant",
+        weight_decay=0.0, max_grad_norm=0.0, bf16=args.bf16 and not cpu_bf16, deepspeed=deepspeed, logging_steps=1,
+        save_strategy="no", report_to="none", seed=args.seed, data_seed=args.seed, remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True, **configured)
+    if cpu_bf16:
+        deepspeed_bf16_without_gpu(training_args)
 
     splits = build_splits("fashion-mnist", None, args.train_per_class, 1, 0.0, 10, args.seed)
     timm_model = build_model("tf_efficientnet_lite0", "bundled", len(splits.class_names), head_seed=args.seed)
