@@ -61,7 +61,7 @@ def ratios(path, radius: float, head_radius: float) -> dict[str, float]:
 
 def assert_within_bound(path, radius: float, head_radius: float) -> dict[str, float]:
     found = ratios(path, radius, head_radius)
-    assert len(found) > 100, f"only {len(found)} layers checked"
+    assert len(found) > 90, f"only {len(found)} layers checked"  # Lite0: 49 conv, 49 BN, the head
     worst = max(found, key=found.get)
     assert found[worst] <= 1, f"{path}: {worst} at {found[worst]:.8f} x its radius (with rounding allowance)"
     return found
