@@ -15,6 +15,7 @@ os.environ.setdefault("MASTER_PORT", "29611")
 import deepspeed  # noqa: E402
 
 import mars_dist  # noqa: E402
+from mars_dist.sharding.precision import batchnorm_in_fp32  # noqa: E402
 from test_api import Net  # noqa: E402
 
 CONFIG = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
@@ -40,6 +41,7 @@ def main(out: str) -> None:
     result = {}
     torch.manual_seed(0)
     model = Net()
+    batchnorm_in_fp32(model)  # DeepSpeed bf16 casts the module and does not autocast
     pretrained = mars_dist.capture_pretrained(model)
     w0 = model.conv.weight.detach().clone()
     engine, opt = engine_for(model)

@@ -20,9 +20,9 @@ from independent_bound import assert_within_bound
 
 ROOT = Path(__file__).resolve().parent.parent
 RADIUS, HEAD_RADIUS, STEPS = 0.05, 1.0, 3
-SAME_RUN_ATOL = 1e-4
+SAME_RUN_ATOL = 3e-5
 """One process vs ZeRO-3 on two, fp32: the gradients are the same sums in another order (ulp-level), AdamW normalises
-each element's step, and a clipped row is rescaled as a whole; measured worst difference is in the test's message."""
+each element's step, and a clipped row is rescaled as a whole. Measured: 6.1e-6 (3 updates, radius 0.05)."""
 
 pytestmark = pytest.mark.slow
 
