@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mars_dist import api_guards as guards
+from mars_dist import api_wiring as wiring
 from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup
 
 STATE_VERSION = 1
@@ -47,7 +48,7 @@ def capture_pretrained(model: nn.Module) -> Pretrained:
     weights = PretrainedWeights.capture(model)
     prints = {name: guards.fingerprint(value) for name, value in weights.whole.items()}
     prints.update({name: guards.fingerprint(values, offset) for name, (offset, values) in weights.partitions.items()})
-    running = {f"{name}.running_var": m.running_var.detach().clone() for name, m in _unwrap(model).named_modules()
+    running = {f"{name}.running_var": m.running_var.detach().clone() for name, m in wiring.unwrap(model).named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
     return Pretrained(weights, prints, set(weights.partitions), running)
 
@@ -73,15 +74,15 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     from mars_dist.hook import ProjectionHook
 
     cfg = _config(config, settings)
-    engine = _deepspeed_engine(model, accelerator)
-    module = _unwrap(engine.module if engine is not None else model, accelerator)
-    inner = _inner_optimizer(optimizer, engine)
+    engine = wiring.deepspeed_engine(model, accelerator)
+    module = wiring.unwrap(engine.module if engine is not None else model, accelerator)
+    inner = wiring.inner_optimizer(optimizer, engine)
     guards.check_not_stepped(inner, engine)
     if engine is not None:
         guards.check_deepspeed_optimizer(optimizer, engine)
         if pretrained is None and (engine.bfloat16_enabled() or engine.fp16_enabled()):
             raise guards.AttachError(guards.LOW_PRECISION_HINT)
-    head = list(head) if head else _find_head(module)
+    head = list(head) if head else wiring.find_head(module)
     constraints = select_constraints(module, head, cfg.method, cfg.radius, cfg.head_radius, cfg.penalty,
                                      cfg.head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
                                      cfg.norm_layers, cfg.embeddings, cfg.bn_eps)
@@ -95,10 +96,10 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
 
         params = named_parameters(module)
         guards.check_optimizer_steps_params(inner, {c.name: params[c.name] for c in constraints})
-    backend = _build_backend(model, engine, module, inner, constraints, cfg.mode, accelerator, pretrained)
+    backend = wiring.build_backend(model, engine, module, inner, constraints, cfg.mode, accelerator, pretrained)
     try:
         if pretrained is not None:
-            _check_pretrained(backend, pretrained)
+            wiring.check_pretrained(backend, pretrained)
         hook = ProjectionHook(backend, cfg.ftp)
     except Exception:
         getattr(backend, "remove", lambda: None)()
@@ -218,86 +219,3 @@ def _config(config: ConstraintConfig | None, settings: dict) -> ConstraintConfig
     if isinstance(settings.get("ftp"), dict):
         settings["ftp"] = FtpConfig(**settings["ftp"])
     return dataclasses.replace(config or ConstraintConfig(), **settings)
-
-
-def _deepspeed_engine(model, accelerator):
-    """The DeepSpeedEngine behind `model`, or None (also finds it when given accelerate's unwrapped module)."""
-    if hasattr(model, "zero_optimization_stage") and hasattr(model, "module"):
-        return model
-    wrapped = getattr(accelerator, "deepspeed_engine_wrapped", None)
-    return getattr(wrapped, "engine", None)
-
-
-def _unwrap(model: nn.Module, accelerator=None) -> nn.Module:
-    if accelerator is not None:
-        return accelerator.unwrap_model(model)
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-def _inner_optimizer(optimizer, engine) -> torch.optim.Optimizer:
-    """The torch optimizer whose step hooks fire once per real update (under accelerate's / DeepSpeed's wrappers)."""
-    if engine is not None:
-        return engine.optimizer.optimizer
-    obj = optimizer
-    for _ in range(8):
-        if isinstance(obj, torch.optim.Optimizer) and type(obj).__name__ != "AcceleratedOptimizer":
-            return obj
-        obj = getattr(obj, "optimizer", None)
-    raise guards.AttachError(f"{type(optimizer).__name__} is not a torch optimizer nor a wrapper around one; pass the "
-                             f"optimizer that steps the model's fp32 parameters")
-
-
-def _find_head(module: nn.Module) -> list[str]:
-    """The classifier head: the model's own (`get_classifier`), or that of the first submodule that has one (a
-    timm model inside a wrapper, e.g. for the Hugging Face Trainer)."""
-    from mars_dist.models import classifier_module_names
-
-    for prefix, sub in module.named_modules():
-        if hasattr(sub, "get_classifier") or sub is module:
-            try:
-                names = classifier_module_names(sub)
-            except ValueError:
-                continue
-            return [f"{prefix}.{n}" if prefix else n for n in names]
-    raise guards.AttachError(f"{type(module).__name__}: no classifier head found; pass head=[module names]")
-
-
-def _build_backend(model, engine, module, inner, constraints, mode, accelerator, pretrained):
-    from mars_dist import sharding
-
-    weights = pretrained.weights if pretrained is not None else None
-    if accelerator is not None:
-        backend = sharding.build_backend(accelerator, engine if engine is not None else model, inner, constraints,
-                                         mode, weights)
-    elif engine is not None:
-        from mars_dist.sharding.gather import GatherBackend
-        from mars_dist.sharding.zero import ZeroBackend
-
-        backend = ZeroBackend(constraints, engine, weights)
-        backend.verify_coverage()
-        backend = GatherBackend(backend) if mode == "gather" else backend
-    elif any(type(p).__name__ == "DTensor" for p in module.parameters()):
-        backend = sharding.build_fsdp2_backend(module, inner, constraints, mode)
-    else:
-        backend = sharding.ReplicatedBackend(constraints, module, inner)
-        backend.verify_coverage()
-    return backend
-
-
-def _check_pretrained(backend, pretrained: Pretrained) -> None:
-    """The fp32 masters of the constrained parameters must be the captured pretrained values (one reduce)."""
-    names = [f.constraint.name for f in backend.fragments()]
-    known = [i for i, n in enumerate(names) if n in pretrained.fingerprints]
-    found = torch.stack([guards.fingerprint(f.w, f.offset) for f in backend.fragments()]) if names else \
-        torch.zeros(0, 3, dtype=torch.float64)
-    partial = torch.stack([pretrained.fingerprints[n] if n in pretrained.partitioned and n in pretrained.fingerprints
-                           else torch.zeros(3, dtype=torch.float64) for n in names]) if names else found
-    summed, _ = backend.reduce(torch.cat([found.reshape(-1), partial.reshape(-1)]), torch.zeros(0, dtype=torch.float64))
-    summed = summed.cpu()  # FSDP2 reduces on the parameters' device
-    found, partial = summed[:found.numel()].reshape(-1, 3), summed[found.numel():].reshape(-1, 3)
-    expected = torch.stack([partial[i] if names[i] in pretrained.partitioned else pretrained.fingerprints[names[i]]
-                            for i in known]) if known else torch.zeros(0, 3, dtype=torch.float64)
-    if known:
-        guards.check_fingerprints(expected, found[known], [names[i] for i in known])

@@ -125,43 +125,39 @@ def test_state_of_other_anchors_is_refused():
 
 
 def test_accelerate_save_and_load_state_resume_exactly(tmp_path):
-    """mars-ftp (learned radii, the state that matters) through accelerator.save_state / load_state: 2 + 2 updates
-    end bit-identical to 4, radii included."""
+    """mars-ftp (learned radii: the state that matters) through accelerator.save_state / load_state: 2 updates, a
+    checkpoint, a fresh process state resumed for 2 more ends bit-identical to 4 updates straight, radii included."""
     from accelerate import Accelerator
 
-    def run(steps: int, save: Path | None = None, load: Path | None = None):
+    def start():
         accelerator = Accelerator(cpu=True)
         model, opt = make(lr=0.01)
         pretrained = mars_dist.capture_pretrained(model)
         model, opt = accelerator.prepare(model, opt)
         constrained = mars_dist.attach(model, opt, method="mars-ftp", head_radius=1.0, accelerator=accelerator,
                                        pretrained=pretrained)
-        if load is not None:
-            accelerator.load_state(str(load))  # after attach: anchors from the pretrained weights, then the state
-        train(model, opt, steps, seed=7 if load is None else 8)
-        if save is not None:
-            accelerator.save_state(str(save))
+        return accelerator, model, opt, constrained
+
+    def finish(model, constrained):
         radii = [s.radius for s in constrained.stats()]
         constrained.detach()
         return {k: v.clone() for k, v in model.state_dict().items()}, radii
 
-    def train_split():  # the data of updates 3-4 in the uninterrupted run: seed 8
-        accelerator = Accelerator(cpu=True)
-        model, opt = make(lr=0.01)
-        pretrained = mars_dist.capture_pretrained(model)
-        model, opt = accelerator.prepare(model, opt)
-        constrained = mars_dist.attach(model, opt, method="mars-ftp", head_radius=1.0, accelerator=accelerator,
-                                       pretrained=pretrained)
-        train(model, opt, 2, seed=7)
-        train(model, opt, 2, seed=8)
-        radii = [s.radius for s in constrained.stats()]
-        constrained.detach()
-        return {k: v.clone() for k, v in model.state_dict().items()}, radii
+    _, model, opt, constrained = start()
+    train(model, opt, 2, seed=7)
+    train(model, opt, 2, seed=8)
+    straight, straight_radii = finish(model, constrained)
 
-    straight, straight_radii = train_split()
-    run(2, save=tmp_path / "ckpt")
+    accelerator, model, opt, constrained = start()
+    train(model, opt, 2, seed=7)
+    accelerator.save_state(str(tmp_path / "ckpt"))
+    finish(model, constrained)
     assert (tmp_path / "ckpt" / "learned_radii_rank0.pt").is_file()
-    resumed, resumed_radii = run(2, load=tmp_path / "ckpt")
+
+    accelerator, model, opt, constrained = start()
+    accelerator.load_state(str(tmp_path / "ckpt"))  # after attach: anchors from the pretrained weights
+    train(model, opt, 2, seed=8)
+    resumed, resumed_radii = finish(model, constrained)
     assert resumed_radii == straight_radii and len(set(straight_radii)) > 1
     for k in straight:
         assert torch.equal(resumed[k], straight[k]), k
