@@ -32,25 +32,27 @@ class Pretrained:
     fingerprints (api_guards) to recognise them after prepare, and the BatchNorm running variances."""
 
     def __init__(self, weights, fingerprints: dict[str, torch.Tensor], partitioned: set[str],
-                 running_vars: dict[str, torch.Tensor]):
+                 running_vars: dict[str, torch.Tensor], missing: set[str] = frozenset()):
         self.weights = weights  # sharding.masters.PretrainedWeights
         self.fingerprints = fingerprints
         self.partitioned = partitioned  # names whose fingerprint is this rank's part only (zero.Init)
         self.running_vars = running_vars
+        self.missing = set(missing)  # partitioned by zero.Init before the capture, no fp32 values kept
 
 
 def capture_pretrained(model: nn.Module) -> Pretrained:
     """Record `model`'s pretrained weights. Call after they are loaded and BEFORE `accelerator.prepare` /
     `deepspeed.initialize` / `fully_shard` (DeepSpeed bf16/fp16 casts the model there and builds its fp32 masters
     from the rounded copy). Costs one pass over the weights; holds references, not copies, of whole fp32 tensors."""
-    from mars_dist.sharding import PretrainedWeights
+    from mars_dist.sharding import PretrainedWeights, named_parameters
 
     weights = PretrainedWeights.capture(model)
+    missing = {name for name, p in named_parameters(model).items() if hasattr(p, "ds_id") and name not in weights}
     prints = {name: guards.fingerprint(value) for name, value in weights.whole.items()}
     prints.update({name: guards.fingerprint(values, offset) for name, (offset, values) in weights.partitions.items()})
     running = {f"{name}.running_var": m.running_var.detach().clone() for name, m in wiring.unwrap(model).named_modules()
                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None}
-    return Pretrained(weights, prints, set(weights.partitions), running)
+    return Pretrained(weights, prints, set(weights.partitions), running, missing)
 
 
 def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, *, accelerator=None,
@@ -86,6 +88,13 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     constraints = select_constraints(module, head, cfg.method, cfg.radius, cfg.head_radius, cfg.penalty,
                                      cfg.head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
                                      cfg.norm_layers, cfg.embeddings, cfg.bn_eps)
+    if engine is not None and pretrained is not None and (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        lost = [c.name for c in constraints if c.name in pretrained.missing]
+        if lost:
+            raise guards.AttachError(f"{len(lost)} constrained parameters ({lost[:3]}...) were partitioned by "
+                                     f"zero.Init before capture_pretrained and their fp32 values were not kept; "
+                                     f"the anchors would be their low-precision copy. Build the model whole, or "
+                                     f"through mars_dist.models.build_model with a zero.Init placement")
     if pretrained is not None:  # BatchNorm anchors: the running variances as loaded, not after a stray forward
         for c in constraints:
             key = c.name.rsplit(".", 1)[0] + ".running_var"

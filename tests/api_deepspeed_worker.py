@@ -57,6 +57,13 @@ def main(out: str) -> None:
     engine.step()
     constrained.detach()
     result["after_step"] = refusal(lambda: mars_dist.attach(engine, opt, radius=0.1, pretrained=pretrained))
+    with deepspeed.zero.Init(config_dict_or_path=CONFIG):  # partitioned at creation, by the user's own code
+        partitioned = Net()
+    batchnorm_in_fp32(partitioned)
+    uncaptured = mars_dist.capture_pretrained(partitioned)
+    engine2, opt2 = engine_for(partitioned)
+    result["zero_init_uncaptured"] = refusal(lambda: mars_dist.attach(engine2, opt2, radius=0.1,
+                                                                     pretrained=uncaptured))
     with open(out, "w") as f:
         json.dump(result, f)
 

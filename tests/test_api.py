@@ -167,7 +167,8 @@ def test_accelerate_save_and_load_state_resume_exactly(tmp_path):
 def test_deepspeed_refusals_and_bf16_masters(tmp_path):
     """One DeepSpeed process (ZeRO-3, bf16, CPU): without the captured weights attach refuses and says what to call;
     an optimizer DeepSpeed does not step is refused; after an update of the engine attach is refused; with them the
-    fp32 masters hold the pretrained fp32 values exactly (not their bf16 rounding)."""
+    fp32 masters hold the pretrained fp32 values exactly (not their bf16 rounding); a model partitioned by zero.Init
+    before the capture (no fp32 values kept) is refused."""
     out = tmp_path / "result.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "api_deepspeed_worker.py"), str(out)], cwd=ROOT,
@@ -178,3 +179,4 @@ def test_deepspeed_refusals_and_bf16_masters(tmp_path):
     assert "not the one DeepSpeed steps" in result["other_optimizer"]
     assert result["masters_equal_pretrained"] and result["bf16_rounding_differs"]
     assert "the DeepSpeed engine has made 1 updates" in result["after_step"]
+    assert "partitioned by zero.Init before capture_pretrained" in result["zero_init_uncaptured"]
