@@ -68,9 +68,7 @@ def main() -> None:
     model = build_model("tf_efficientnet_lite0", "bundled", len(splits.class_names), head_seed=args.seed)
     low_precision = accelerator.state.deepspeed_plugin is not None and args.bf16
     if low_precision:  # DeepSpeed bf16 casts the whole module and does not autocast: BatchNorm must compute in fp32
-        from mars_dist.sharding.precision import batchnorm_in_fp32
-
-        batchnorm_in_fp32(model)
+        mars_dist.batchnorm_in_fp32(model)
     transform = build_transforms(resolve_data_config(model, args.image_size), train=True)
     data = ImageClassificationDataset(splits.train, transform, seed=args.seed)
     per_process = args.batch_size // accelerator.num_processes

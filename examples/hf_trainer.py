@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+import mars_dist
 from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
 from mars_dist.integrations.hf_trainer import MarsConstraintCallback
 from mars_dist.models import build_model, resolve_data_config
@@ -119,10 +120,8 @@ def main() -> None:
 
     splits = build_splits("fashion-mnist", None, args.train_per_class, 1, 0.0, 10, args.seed)
     timm_model = build_model("tf_efficientnet_lite0", "bundled", len(splits.class_names), head_seed=args.seed)
-    if deepspeed and args.bf16:  # DeepSpeed bf16 casts the whole module: BatchNorm must compute in fp32
-        from mars_dist.sharding.precision import batchnorm_in_fp32
-
-        batchnorm_in_fp32(timm_model)
+    if deepspeed and args.bf16:  # DeepSpeed bf16 casts the whole module and does not autocast: BatchNorm in fp32
+        mars_dist.batchnorm_in_fp32(timm_model)
     transform = build_transforms(resolve_data_config(timm_model, args.image_size), train=True)
     train = AsDicts(ImageClassificationDataset(splits.train, transform, seed=args.seed))
 
