@@ -82,29 +82,17 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     guards.check_not_stepped(inner, engine)
     if engine is not None:
         guards.check_deepspeed_optimizer(optimizer, engine)
-        if pretrained is None and (engine.bfloat16_enabled() or engine.fp16_enabled()):
-            raise guards.AttachError(guards.LOW_PRECISION_HINT)
+        guards.check_low_precision_masters(engine, pretrained)
     head = list(head) if head else wiring.find_head(module)
     constraints = select_constraints(module, head, cfg.method, cfg.radius, cfg.head_radius, cfg.penalty,
                                      cfg.head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
                                      cfg.norm_layers, cfg.embeddings, cfg.bn_eps)
-    if engine is not None and pretrained is not None and (engine.bfloat16_enabled() or engine.fp16_enabled()):
-        lost = [c.name for c in constraints if c.name in pretrained.missing]
-        if lost:
-            raise guards.AttachError(f"{len(lost)} constrained parameters ({lost[:3]}...) were partitioned by "
-                                     f"zero.Init before capture_pretrained and their fp32 values were not kept; "
-                                     f"the anchors would be their low-precision copy. Build the model whole, or "
-                                     f"through mars_dist.models.build_model with a zero.Init placement")
-    if pretrained is not None:  # BatchNorm anchors: the running variances as loaded, not after a stray forward
-        for c in constraints:
-            key = c.name.rsplit(".", 1)[0] + ".running_var"
-            if c.role == "bn" and key in pretrained.running_vars:
-                c.running_var0 = pretrained.running_vars[key].to(c.running_var0.device)
+    if pretrained is not None:
+        if engine is not None:
+            guards.check_low_precision_masters(engine, pretrained, [c.name for c in constraints])
+        wiring.use_pretrained_running_vars(constraints, pretrained)
     if engine is None:
-        from mars_dist.sharding import named_parameters
-
-        params = named_parameters(module)
-        guards.check_optimizer_steps_params(inner, {c.name: params[c.name] for c in constraints})
+        guards.check_optimizer_steps_params(inner, wiring.constrained_params(module, constraints))
     backend = wiring.build_backend(model, engine, module, inner, constraints, cfg.mode, accelerator, pretrained)
     try:
         if pretrained is not None:

@@ -81,6 +81,22 @@ def check_fingerprints(expected: torch.Tensor, found: torch.Tensor, names: list[
                           f"update, and capture the pretrained weights of this same model")
 
 
+def check_low_precision_masters(engine, pretrained, names: list[str] | None = None) -> None:
+    """DeepSpeed bf16/fp16 builds the fp32 masters from the rounded copy: refuse without the captured fp32 values
+    (`pretrained`), or when some of the constrained parameters `names` were partitioned by zero.Init before the
+    capture (nothing was kept for them)."""
+    if not (engine.bfloat16_enabled() or engine.fp16_enabled()):
+        return
+    if pretrained is None:
+        raise AttachError(LOW_PRECISION_HINT)
+    lost = [n for n in names or () if n in pretrained.missing]
+    if lost:
+        raise AttachError(f"{len(lost)} constrained parameters ({lost[:3]}...) were partitioned by zero.Init before "
+                          f"capture_pretrained and their fp32 values were not kept; the anchors would be their "
+                          f"low-precision copy. Build the model whole, or through mars_dist.models.build_model with "
+                          f"a zero.Init placement (it keeps each rank's fp32 partition)")
+
+
 LOW_PRECISION_HINT = ("DeepSpeed bf16/fp16 built the fp32 masters from the low-precision copy of the model, so the "
                       "anchors would be a rounded copy of the pretrained weights. Call "
                       "`pretrained = mars_dist.capture_pretrained(model)` after loading the weights and before "

@@ -54,6 +54,21 @@ def find_head(module: nn.Module) -> list[str]:
     raise guards.AttachError(f"{type(module).__name__}: no classifier head found; pass head=[module names]")
 
 
+def use_pretrained_running_vars(constraints, pretrained) -> None:
+    """BatchNorm anchors from the running variances as captured, not as a forward pass before attach left them."""
+    for c in constraints:
+        key = c.name.rsplit(".", 1)[0] + ".running_var"
+        if c.role == "bn" and key in pretrained.running_vars:
+            c.running_var0 = pretrained.running_vars[key].to(c.running_var0.device)
+
+
+def constrained_params(module: nn.Module, constraints) -> dict[str, nn.Parameter]:
+    from mars_dist.sharding import named_parameters
+
+    params = named_parameters(module)
+    return {c.name: params[c.name] for c in constraints}
+
+
 def build_backend(model, engine, module, inner, constraints, mode, accelerator, pretrained):
     from mars_dist import sharding
 
