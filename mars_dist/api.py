@@ -80,6 +80,7 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     module = wiring.unwrap(engine.module if engine is not None else model, accelerator)
     inner = wiring.inner_optimizer(optimizer, engine)
     guards.check_not_stepped(inner, engine)
+    guards.check_not_attached(inner)
     if engine is not None:
         guards.check_deepspeed_optimizer(optimizer, engine)
         guards.check_low_precision_masters(engine, pretrained)
@@ -113,6 +114,8 @@ class Constrained:
         self.config, self.constraints, self.backend, self.hook = config, constraints, backend, hook
         self.module, self._engine = module, engine  # the unwrapped model; the DeepSpeedEngine if any
         self.anchor_checksum = backend.anchor_checksum()  # layout-free: the anchors' identity in checkpoints
+        self._optimizer = backend.hook_optimizer()
+        setattr(self._optimizer, guards.ATTACHED_ATTR, True)
         self._accelerator, self._handles = accelerator, []
         if accelerator is not None:
             from mars_dist import learned_radii
@@ -194,6 +197,7 @@ class Constrained:
     def detach(self) -> None:
         """Remove every hook: later updates are no longer constrained (the weights stay where they are)."""
         self.hook.remove()
+        setattr(self._optimizer, guards.ATTACHED_ATTR, False)
         getattr(self.backend, "remove", lambda: None)()
         for h in self._handles:
             h.remove()

@@ -42,6 +42,17 @@ def check_not_stepped(optimizer: torch.optim.Optimizer, engine=None) -> None:
                           f"load the checkpoint after (accelerator.load_state restores the constraint's state too)")
 
 
+ATTACHED_ATTR = "_mars_dist_attached"
+"""Set on the inner optimizer while a handle is attached to it (cleared by `detach`)."""
+
+
+def check_not_attached(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse a second attach to the same optimizer: both would project at every update, with their own anchors."""
+    if getattr(optimizer, ATTACHED_ATTR, False):
+        raise AttachError(f"{type(optimizer).__name__} already has a constraint attached; call detach() on that "
+                          f"handle first (the Hugging Face callback does it when train() is called again)")
+
+
 def check_optimizer_steps_params(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter]) -> None:
     """Refuse an optimizer that does not hold the constrained parameters themselves (another model's, a copy's,
     or a subset): its step would never move them, and the hook would fire on the wrong updates."""

@@ -79,6 +79,15 @@ def test_detach_removes_the_projection():
     assert max_row_distance(model.conv.weight, w0) > 1e-3
 
 
+def test_a_second_attach_to_one_optimizer_is_refused_until_detach():
+    model, opt = make()
+    first = mars_dist.attach(model, opt, radius=0.1)
+    with pytest.raises(mars_dist.AttachError, match="already has a constraint attached; call detach"):
+        mars_dist.attach(model, opt, radius=0.2)
+    first.detach()
+    assert mars_dist.attach(model, opt, radius=0.2).constraints[0].radius == 0.2
+
+
 def test_attach_after_an_update_is_refused():
     model, opt = make()
     train(model, opt, 1)
