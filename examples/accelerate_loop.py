@@ -81,7 +81,7 @@ def main() -> None:
     constrained = mars_dist.attach(model, optimizer, method=args.method, radius=args.radius,  # <- mars_dist
                                    head_radius=args.head_radius, accelerator=accelerator, pretrained=pretrained)
     accelerator.print(f"mars_dist: {len(constrained.constraints)} layers constrained, projected on the "
-                      f"{constrained.backend.name} backend's fp32 weights")
+                      f"{constrained.backend.name} backend's fp32 weights, {accelerator.num_processes} processes")
 
     model.train()
     if args.bn_eval:

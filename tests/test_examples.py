@@ -1,5 +1,6 @@
 """The two examples end to end, as a user runs them: one process (`python examples/...`) and DeepSpeed ZeRO-3 on 2 CPU
-processes (`accelerate launch --config_file launch/accelerate/zero3.yaml --num_processes 2 ...`), fp32 and bf16.
+processes (`accelerate launch --config_file launch/accelerate/zero3.yaml --num_processes 2 ...`), fp32 and bf16, and
+the Hugging Face Trainer's own DDP (cpu.yaml).
 Every output is checked against the bound by tests/independent_bound.py (pretrained weights from the bundled file,
 float64, none of mars_dist's constraint code). The fp32 accelerate loop on 2 processes is compared with the one-process
 run element by element: same global batch of the same images, BatchNorm frozen (so the split does not matter)."""
@@ -27,8 +28,11 @@ each element's step, and a clipped row is rescaled as a whole. Measured: 6.1e-6 
 pytestmark = pytest.mark.slow
 
 
-def run_example(script: str, out: Path, processes: int = 1, extra: tuple[str, ...] = ()) -> Path:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+def run_example(script: str, out: Path, processes: int = 1, extra: tuple[str, ...] = (), config: str = "zero3") -> Path:
+    """One process, or `processes` under launch/accelerate/{config}.yaml (cpu: DDP over gloo, told CPU by
+    ACCELERATE_USE_CPU as on nodes without GPUs)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", WANDB_MODE="disabled", PYTHONPATH=str(ROOT),
+               **({"ACCELERATE_USE_CPU": "true"} if config == "cpu" else {}))
     args = [f"examples/{script}", "--radius", str(RADIUS), "--head-radius", str(HEAD_RADIUS), "--max-steps",
             str(STEPS), "--output", str(out), *extra]
     if processes == 1:
@@ -36,12 +40,13 @@ def run_example(script: str, out: Path, processes: int = 1, extra: tuple[str, ..
     else:
         from launch_helpers import free_port
 
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/zero3.yaml",
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{config}.yaml",
                "--num_processes", str(processes), "--main_process_port", str(free_port()), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    backend = "zero" if processes > 1 else "replicated"  # under zero3.yaml: DeepSpeed's fp32 masters
-    assert f"projected on the {backend} backend" in proc.stdout, proc.stdout[-3000:]
+    backend = "zero" if processes > 1 and config.startswith("zero") else "replicated"  # zero: DeepSpeed's masters
+    assert f"projected on the {backend} backend's fp32 weights, {processes} processes" in proc.stdout, \
+        proc.stdout[-3000:]
     return out / "model.safetensors"
 
 
@@ -49,9 +54,9 @@ def run_example(script: str, out: Path, processes: int = 1, extra: tuple[str, ..
 def runs(tmp_path_factory):
     cache: dict = {}
 
-    def get(name: str, script: str, processes: int, *extra: str) -> Path:
+    def get(name: str, script: str, processes: int, *extra: str, config: str = "zero3") -> Path:
         if name not in cache:
-            cache[name] = run_example(script, tmp_path_factory.mktemp(name), processes, extra)
+            cache[name] = run_example(script, tmp_path_factory.mktemp(name), processes, extra, config)
         return cache[name]
 
     return get
@@ -91,3 +96,9 @@ def test_hf_trainer_zero3_bf16_holds_the_bound_and_logs_through_the_trainer(runs
 
 def test_hf_trainer_one_process_holds_the_bound(runs):
     assert_within_bound(runs("hf_one", "hf_trainer.py", 1), RADIUS, HEAD_RADIUS)
+
+
+@pytest.mark.dist
+def test_hf_trainer_ddp_holds_the_bound(runs):
+    """The Trainer's own DDP (2 CPU processes over gloo): the replicated backend on every rank's whole weights."""
+    assert_within_bound(runs("hf_ddp", "hf_trainer.py", 2, config="cpu"), RADIUS, HEAD_RADIUS)

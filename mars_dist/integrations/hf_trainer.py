@@ -54,7 +54,7 @@ class MarsConstraintCallback(TrainerCallback):
         self.pretrained.weights.release()  # the fp32 masters hold the pretrained values now
         if state.is_world_process_zero:
             print(f"mars_dist: {len(self.constrained.constraints)} layers constrained, projected on the "
-                  f"{self.constrained.backend.name} backend's fp32 weights")
+                  f"{self.constrained.backend.name} backend's fp32 weights, {args.world_size} processes")
 
     def on_step_end(self, args, state, control, **kwargs):
         every = max(1, int(args.logging_steps)) if args.logging_strategy == "steps" else None
