@@ -29,17 +29,18 @@ class MarsConstraintCallback(TrainerCallback):
     """Constrains the Trainer's model with `mars_dist.attach` (settings: a ConstraintConfig and/or its fields as
     keywords, and `head`). `self.constrained` is the handle once training has begun."""
 
-    def __init__(self, trainer, config=None, head=None, **settings):
+    def __init__(self, trainer, config=None, head=None, per_layer: bool = True, **settings):
         self.trainer = trainer
         self.config, self.head, self.settings = config, head, settings
+        self.per_layer = per_layer  # False: only the bound/* and constraint/* summaries reach the logs
         self.pretrained = capture_pretrained(trainer.model)  # before train(): prepare / the bf16 cast come later
         self.constrained = None
         self._pending_logs: dict = {}
 
     @classmethod
-    def install(cls, trainer, config=None, head=None, **settings) -> MarsConstraintCallback:
+    def install(cls, trainer, config=None, head=None, per_layer: bool = True, **settings) -> MarsConstraintCallback:
         """Create the callback for `trainer` and put it first in its callback list (before the loggers)."""
-        callback = cls(trainer, config, head, **settings)
+        callback = cls(trainer, config, head, per_layer, **settings)
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
@@ -60,7 +61,8 @@ class MarsConstraintCallback(TrainerCallback):
         every = max(1, int(args.logging_steps)) if args.logging_strategy == "steps" else None
         last = state.max_steps and state.global_step >= state.max_steps
         if self.constrained is not None and (last or (every and state.global_step % every == 0)):
-            self._pending_logs = self.constrained.log_dict(prefix="mars/")  # every rank: a collective
+            logs = self.constrained.log_dict(prefix="mars/")  # every rank: a collective
+            self._pending_logs = {k: v for k, v in logs.items() if self.per_layer or not k.startswith("mars/layers/")}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self._pending_logs and "loss" in logs:
