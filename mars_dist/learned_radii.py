@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 
-def attach(accelerator, hook, backend) -> None:
-    """Register the learned radii of `hook` (if any) with the accelerator's save_state / load_state."""
+def attach(accelerator, hook, backend, register: bool = True) -> list:
+    """Register the learned radii of `hook` (if any) with the accelerator's save_state / load_state. register=False:
+    the caller checkpoints `learned.state_dict()` itself (the public API's handle does); only the per-rank direction
+    files are written here. Returns the removable handles of the save / load hooks."""
     learned = hook.learned
     if learned is None:
-        return
-    accelerator.register_for_checkpointing(learned)
+        return []
+    if register:
+        accelerator.register_for_checkpointing(learned)
     rank = accelerator.process_index
     replicated = backend.name == "replicated"  # every rank holds the same whole buffer: rank 0 writes it
 
@@ -39,5 +42,4 @@ def attach(accelerator, hook, backend) -> None:
                 print(f"resume: {input_dir} does not hold the learned radii's whole direction buffer; it is rebuilt "
                       f"from the resumed weights at the next update (float32-rounded; noise for radii at the floor)")
 
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
+    return [accelerator.register_save_state_pre_hook(save), accelerator.register_load_state_pre_hook(load)]
