@@ -80,7 +80,7 @@ def run_train(cfg_dict: dict, out: Path) -> dict:
 
 def tune(a, dataset: str, method: str, out: Path) -> dict:
     """The sweep's best values for `method` (a persistent Optuna study: finished trials are kept), its cost."""
-    from mars_dist.sweep import sweep
+    from mars_dist.commands.sweep import sweep
 
     cfg = config_mod.load(a.base, base_overrides(a, dataset) + [
         f"constraint.method={method}", f"output_dir={out}", f"sweep.trials={a.trials}", f"seed={a.tune_seed}",
@@ -101,7 +101,7 @@ def tune(a, dataset: str, method: str, out: Path) -> dict:
 
 def subset_hash(dataset: str, a, seed: int) -> str:
     """Fingerprint of the few-shot training subset of `seed` (the same for every method: the pairing)."""
-    from mars_dist.data import build_splits
+    from mars_dist.data.splits import build_splits
 
     s = build_splits(dataset, None, a.shots, a.val_per_class, 0.1, a.test_limit, seed)
     return hashlib.sha1(json.dumps(s.indices).encode()).hexdigest()[:12]

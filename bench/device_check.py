@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from mars_dist.constraints import Fragment, measure, project, select_constraints  # noqa: E402
 from mars_dist.sharding.masters import PretrainedWeights  # noqa: E402
-from mars_dist.hook import ProjectionHook  # noqa: E402
+from mars_dist.run.hook import ProjectionHook  # noqa: E402
 from mars_dist.sharding import ReplicatedBackend  # noqa: E402
 
 

@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mars_dist.config import DataConfig  # noqa: E402
-from mars_dist.data import build_splits  # noqa: E402
-from mars_dist.dataset import ImageClassificationDataset, build_transforms  # noqa: E402
-from mars_dist.loader import build_loader, usable_cpus  # noqa: E402
+from mars_dist.data.splits import build_splits  # noqa: E402
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms  # noqa: E402
+from mars_dist.data.loader import build_loader, usable_cpus  # noqa: E402
 
 CONFIGS = [(w, c) for c in (False, True) for w in (0, 1, 2)]
 

@@ -103,7 +103,7 @@ def measure(name: str, kind: str, mode: str, args, mesh) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from mars_dist.constraints import select_constraints
-    from mars_dist.hook import ProjectionHook
+    from mars_dist.run.hook import ProjectionHook
     from mars_dist.sharding import build_fsdp2_backend
     from mars_dist.sharding.gather import GatherBackend
 

@@ -23,8 +23,9 @@ from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, se
 from safetensors.torch import save_file
 
 import mars_dist
-from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
-from mars_dist.models import build_model, resolve_data_config
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
+from mars_dist.data.splits import build_splits
+from mars_dist.models.factory import build_model, resolve_data_config
 
 
 def parse_args() -> argparse.Namespace:

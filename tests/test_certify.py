@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from launch_helpers import ROOT, run_cli
 from mars_dist import cli
-from mars_dist.certify import certify
+from mars_dist.commands.certify import certify
 from mars_dist.constraints import Fragment, project, select_constraints
-from mars_dist.models import build_model, classifier_module_names
+from mars_dist.models.factory import build_model, classifier_module_names
 
 SMALL = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "data.test_limit=20",
          "train.max_steps=3", "train.batch_size=8", "constraint.radius=0.3", "constraint.head_radius=2.0",

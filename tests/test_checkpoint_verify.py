@@ -16,7 +16,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mars_dist import checkpoint as ckpt
+from mars_dist.run import checkpoint as ckpt
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_trainer_resumes_past_a_truncated_newest_checkpoint(tmp_path, capsys):
     from safetensors.torch import load_file
 
     from mars_dist import config
-    from mars_dist.train import train
+    from mars_dist.run.train import train
 
     def tiny(out: Path, *overrides: str):
         return config.load(None, [

@@ -147,7 +147,7 @@ def test_saved_hf_directory_under_zero_init(tmp_path, kind, precision, head):
     assert head_layer["shape"][0] == 10
     # the head it started from: the export's head is nearer to it than to another candidate (a new head seeded
     # with the run's seed, or the saved head; else a new head of another seed)
-    from mars_dist.models import build_model
+    from mars_dist.models.factory import build_model
 
     def head_of(pretrained: str, seed: int) -> dict:
         model = build_model(str(saved), pretrained, 10, head_seed=seed)  # whole, one process
@@ -169,7 +169,7 @@ def test_over_1000_constrained_tensors_under_zero3(tmp_path):
     run_cli(run, SMALL + model + ["train.batch_size=4", "train.max_steps=2", "train.eval_every_epoch=false"],
             "zero3_init.yaml")
     from mars_dist.constraints import select_constraints, summary
-    from mars_dist.models import build_model, classifier_module_names
+    from mars_dist.models.factory import build_model, classifier_module_names
 
     whole = build_model(model[0].split("=", 1)[1], model[1].split("=", 1)[1], 10)  # one process, built whole
     want = summary(select_constraints(whole, classifier_module_names(whole), "mars-pgm", 0.05, 1.0))

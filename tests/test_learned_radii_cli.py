@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch_helpers import assert_same_weights, run_cli
-from mars_dist.models import build_model
+from mars_dist.models.factory import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 

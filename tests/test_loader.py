@@ -1,4 +1,4 @@
-"""The trainer's loaders (mars_dist/loader.py): the same batches, bit for bit, whatever the worker count, worker
+"""The trainer's loaders (mars_dist/data/loader.py): the same batches, bit for bit, whatever the worker count, worker
 persistence and decoded-image cache, across epochs and across a resume mid-epoch, through accelerate's prepared
 loader as the trainer drives it (set_epoch on loader and dataset, skip_first_batches on resume)."""
 
@@ -13,9 +13,9 @@ from accelerate.data_loader import prepare_data_loader, skip_first_batches
 from accelerate.utils import set_seed
 
 from mars_dist.config import ConfigError, DataConfig, load
-from mars_dist.data import _fashion_mnist_arrays, build_splits
-from mars_dist.dataset import ImageClassificationDataset, build_transforms, estimate_decoded_bytes
-from mars_dist.loader import auto_workers, build_loader, local_processes, maybe_cache, resolve_pin_memory
+from mars_dist.data.splits import _fashion_mnist_arrays, build_splits
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms, estimate_decoded_bytes
+from mars_dist.data.loader import auto_workers, build_loader, local_processes, maybe_cache, resolve_pin_memory
 from mars_dist.sharding.accelerate_setup import make_accelerator
 
 pytestmark = pytest.mark.skipif(_fashion_mnist_arrays(None) is None, reason="apt-get install dataset-fashion-mnist")
@@ -229,8 +229,8 @@ def test_trainer_with_workers_resumed_across_an_epoch_equals_an_in_process_run(t
 
     from safetensors.torch import load_file
 
-    from mars_dist import checkpoint as ckpt
-    from mars_dist.train import train
+    from mars_dist.run import checkpoint as ckpt
+    from mars_dist.run.train import train
 
     def run(out, *overrides):
         return train(load(None, [

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mars_dist.constraints import select_constraints
-from mars_dist.models import build_model, classifier_module_names
-from mars_dist.placement import init_fresh_head_
+from mars_dist.models.factory import build_model, classifier_module_names
+from mars_dist.models.placement import init_fresh_head_
 from mars_dist.sharding import ReplicatedBackend
 from mars_dist.sharding.precision import batchnorm_in_fp32
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from mars_dist.prepare import DATASETS, PrepareError, prepare_dataset, resolve_name, write_hf_dataset
+from mars_dist.data.prepare import DATASETS, PrepareError, prepare_dataset, resolve_name, write_hf_dataset
 
 
 # ---------------------------------------------------------------- builders of the official structures

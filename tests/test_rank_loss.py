@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mars_dist import checkpoint as ckpt
+from mars_dist.run import checkpoint as ckpt
 from test_kill_resume import _descendants, kill_tree, start
 from test_launch import PER_RANK, accelerate_cmd, assert_same_weights, reference_run, run
 

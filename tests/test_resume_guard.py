@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from mars_dist import checkpoint as ckpt
-from mars_dist import config, resume_guard
+from mars_dist.run import checkpoint as ckpt
+from mars_dist import config
+from mars_dist.run import resume_guard
 
 
 def cfg_of(*overrides: str) -> config.Config:
@@ -59,7 +60,7 @@ def test_layout_change_is_one_line():
 
 @pytest.mark.slow
 def test_trainer_refuses_then_allows_a_changed_lr(tmp_path, capsys):
-    from mars_dist.train import train
+    from mars_dist.run.train import train
 
     def tiny(*overrides: str):
         return cfg_of(f"output_dir={tmp_path}", "data.image_size=32", "data.train_per_class=4",
@@ -87,8 +88,8 @@ def test_trainer_refuses_then_allows_a_changed_lr(tmp_path, capsys):
 
 def test_data_position_under_another_layout():
     """Samples consumed in the epoch are kept: exact when a round of the new layout divides them, else the round
-    below with one note (mars_dist/elastic.py)."""
-    from mars_dist.elastic import position_for_layout
+    below with one note (mars_dist/run/elastic.py)."""
+    from mars_dist.run.elastic import position_for_layout
 
     saved = {"batch_in_epoch": 3, "epoch": 1, "layout": {"world_size": 2, "micro_batch": 4}}  # 24 samples
     notes: list[str] = []
@@ -108,7 +109,7 @@ def test_what_a_new_layout_can_carry_over():
     DeepSpeed's universal checkpoint (True) unless its conversion cannot carry the optimizer state."""
     from types import SimpleNamespace
 
-    from mars_dist.elastic import check_world_size
+    from mars_dist.run.elastic import check_world_size
 
     saved = {"step": 5, "epoch": 1, "batch_in_epoch": 2,
              "layout": {"world_size": 2, "micro_batch": 4, "grad_accum": 2, "global_batch": 16}}
@@ -141,7 +142,7 @@ def test_what_a_new_layout_can_carry_over():
 
 
 def test_changed_global_batch_is_said_in_one_line():
-    from mars_dist.elastic import position_for_layout
+    from mars_dist.run.elastic import position_for_layout
 
     saved = {"batch_in_epoch": 3, "epoch": 1, "layout": {"world_size": 2, "micro_batch": 4, "global_batch": 16}}
     notes: list[str] = []

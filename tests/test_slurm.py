@@ -339,7 +339,7 @@ def test_real_trainer_rank_killed_requeued_resumes_exactly(cluster, tmp_path, tm
     import os
     import signal
 
-    from mars_dist import checkpoint as ckpt
+    from mars_dist.run import checkpoint as ckpt
 
     reference = two_process_run(tmp_path_factory)
     out = tmp_path / "out"

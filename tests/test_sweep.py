@@ -7,7 +7,7 @@ import optuna
 import pytest
 
 from mars_dist import config
-from mars_dist.sweep import SEARCH_SPACE, open_study, suggest, sweep
+from mars_dist.commands.sweep import SEARCH_SPACE, open_study, suggest, sweep
 
 
 @pytest.mark.parametrize("method", list(SEARCH_SPACE))

@@ -4,7 +4,7 @@ import json
 import time
 
 from mars_dist.constraints import LayerStats
-from mars_dist.tracking import Tracker, layer_metrics, resolve_wandb_mode
+from mars_dist.run.tracking import Tracker, layer_metrics, resolve_wandb_mode
 
 
 def test_wandb_mode_auto(monkeypatch, tmp_path):

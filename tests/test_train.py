@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mars_dist import checkpoint as ckpt
+from mars_dist.run import checkpoint as ckpt
 from mars_dist import config
-from mars_dist.train import TrainingDiverged, train
+from mars_dist.run.train import TrainingDiverged, train
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def weights(path: Path) -> dict:
 
 
 def pretrained_state() -> dict:
-    from mars_dist.models import build_model
+    from mars_dist.models.factory import build_model
 
     return build_model("tf_efficientnet_lite0", "bundled", num_classes=10).state_dict()
 

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from mars_dist import config
-from mars_dist.train import train
+from mars_dist.run.train import train
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 
-from mars_dist.train import updates_per_epoch
+from mars_dist.run.train import updates_per_epoch
 
 
 def test_formula_matches_accelerates_own_syncs():
@@ -43,7 +43,7 @@ def test_epochs_and_step_schedule_land_on_the_right_updates(tmp_path):
     """40 images, micro-batch 8, grad_accum 2, one process: 5 batches = updates of 2, 2 and 1 batches, 3 updates per
     epoch (not 5 // 2 = 2). Two epochs are 6 updates; the 'step' schedule halves the lr every epoch = every 3."""
     from mars_dist import config
-    from mars_dist.train import train
+    from mars_dist.run.train import train
 
     cfg = config.load(None, [
         f"output_dir={tmp_path}", "data.image_size=32", "data.train_per_class=4", "data.val_per_class=1",

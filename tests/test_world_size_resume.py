@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from launch_helpers import assert_bound_holds
-from mars_dist import checkpoint as ckpt
+from mars_dist.run import checkpoint as ckpt
 from test_launch import CLI, PER_RANK, ROOT, accelerate_cmd, run, run_env, weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

@@ -40,7 +40,7 @@
 #   MARS_REQUEUE_ON_TERM    1: requeue after SIGTERM too (default 0)
 
 EXIT_PREEMPTED=99
-EXIT_RANK_LOST=98  # mars_dist/elastic.py: a rank lost a peer; OUTPUT_DIR/rank_lost.json says so under accelerate launch
+EXIT_RANK_LOST=98  # mars_dist/run/elastic.py: a rank lost a peer; OUTPUT_DIR/rank_lost.json says so under accelerate launch
 
 mars_log() { echo "[mars-slurm $(date +%H:%M:%S)] $*"; }
 
@@ -171,7 +171,7 @@ _mars_on_signal() {
 # (OUTPUT_DIR/ or a sweep's OUTPUT_DIR/trial_*/) written during this run, or a failed step after SIGUSR1 (the signal
 # came before the trainer could handle it). With a shared output dir (MARS_SHARED_OUTPUT=1: a sweep's array tasks)
 # another task's marker must not count, so there a marker counts only when this task itself got the signal.
-# A lost rank (mars_dist/elastic.py: exit 98, rank_lost.json written during this run) is requeued too: resume=auto
+# A lost rank (mars_dist/run/elastic.py: exit 98, rank_lost.json written during this run) is requeued too: resume=auto
 # continues from the last complete checkpoint (bounded by MARS_MAX_REQUEUES like a preemption).
 _mars_preempted() {
   [ "$1" -eq "$EXIT_PREEMPTED" ] && return 0

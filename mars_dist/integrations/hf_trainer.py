@@ -22,7 +22,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from mars_dist.api import attach, capture_pretrained
-from mars_dist.api_guards import AttachError
+from mars_dist.api.guards import AttachError
 
 
 class MarsConstraintCallback(TrainerCallback):

@@ -45,7 +45,7 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None, micro
     accelerate fills an "auto" gradient_clipping with 1.0, which would clip under ZeRO but not without it and break
     the equivalence between backends; set it from train.grad_clip (0 = off) instead. An "auto" micro-batch is
     taken from the trainer's batch size: accelerate would read it from the loaders, whose batches come from a batch
-    sampler (mars_dist/loader.py) and so have no `batch_size` attribute.
+    sampler (mars_dist/data/loader.py) and so have no `batch_size` attribute.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -62,9 +62,9 @@ def configure_deepspeed(accelerator: Accelerator, grad_clip: float | None, micro
 
 
 def model_placement(accelerator, whole: bool = False):
-    """Where `build_model` creates the parameters for this launch (mars_dist.placement): partitioned by zero.Init
+    """Where `build_model` creates the parameters for this launch (mars_dist.models.placement): partitioned by zero.Init
     under ZeRO-3 with `zero3_init_flag: true`, whole otherwise (and always when `whole`, e.g. the one-rank export)."""
-    from mars_dist.placement import WHOLE
+    from mars_dist.models.placement import WHOLE
 
     if getattr(accelerator.state, "deepspeed_plugin", None) is None:
         return WHOLE

@@ -94,7 +94,7 @@ def load_state(accelerator, engine, ckpt: Path) -> None:
     and this run is DeepSpeed (whose config has `load_universal`: zero_universal.enable before prepare)."""
     from safetensors.torch import load_file
 
-    from mars_dist.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, _agree
 
     template, work = ckpt.parent / f".zero_template_{ckpt.name}", ckpt.parent / f".zero_{ckpt.name}"
     if accelerator.is_main_process:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mars_dist.constraints import full_shape
-from mars_dist.placement import Whole
+from mars_dist.models.placement import Whole
 from mars_dist.sharding.masters import LOCAL_ATTR, record_partition
 
 
@@ -88,7 +88,7 @@ class ZeroInit(Whole):
     @contextlib.contextmanager
     def transformers(self) -> Iterator[None]:
         """Hugging Face models are created like timm's (on the meta device, loaded and partitioned by `finish`),
-        not by transformers' own zero.Init loading (mars_dist/hf_partitioned.py says why): transformers is told
+        not by transformers' own zero.Init loading (mars_dist/models/hf_partitioned.py says why): transformers is told
         nothing of ZeRO-3 while the model is created."""
         hf_ds = _transformers_deepspeed()
         registered = hf_ds.is_deepspeed_zero3_enabled()
@@ -174,7 +174,7 @@ class ZeroInit(Whole):
 def model_placement(accelerator, whole: bool = False) -> Whole:
     """How to build the model for this launch: partitioned by zero.Init under a ZeRO-3 config with
     zero3_init_flag true (unless `whole`: e.g. the export, built on one rank), else whole."""
-    from mars_dist.placement import WHOLE
+    from mars_dist.models.placement import WHOLE
 
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None or plugin.deepspeed_config.get("zero_optimization", {}).get("stage") != 3:

@@ -94,7 +94,7 @@ def restore_buffers(engine, universal_dir: Path) -> None:
 def load_state(accelerator, engine, ckpt: Path) -> None:
     """Every rank calls this instead of `accelerator.load_state(ckpt)`. Conversion errors stop every rank with one
     line naming the checkpoint."""
-    from mars_dist.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, _agree
 
     work = ckpt.parent / f".universal_{ckpt.name}"
     error = ""
@@ -180,7 +180,7 @@ def load_state_without_deepspeed(accelerator, model, optimizer, ckpt: Path) -> N
     """Every rank calls this instead of `accelerator.load_state(ckpt)` when `ckpt` was written by DeepSpeed and
     this run has no DeepSpeed: rank 0 converts it (DeepSpeed's universal checkpoint, then the torch form of that)
     into a sibling `.torch_step_N/`, every rank loads that, rank 0 removes it. `ckpt` itself is only read."""
-    from mars_dist.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, _agree
 
     work = ckpt.parent / f".torch_{ckpt.name}"
     error = ""

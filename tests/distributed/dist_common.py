@@ -104,7 +104,7 @@ def build_model(kind: str) -> torch.nn.Module:
     if kind.startswith("hf_"):
         from transformers import AutoModelForImageClassification, ResNetConfig, ViTConfig
 
-        from mars_dist.models import HFClassifier
+        from mars_dist.models.factory import HFClassifier
 
         cfg = (ViTConfig(hidden_size=45, num_hidden_layers=2, num_attention_heads=3, intermediate_size=135,
                          image_size=IMG, patch_size=8, num_labels=5, qkv_bias=False) if kind == "hf_vit" else
@@ -188,7 +188,7 @@ def reference_run(name: str) -> dict[str, torch.Tensor]:
     """The single-process run the sharded ones must reproduce: same model, data, constraints, optimizer; the mean
     over all WORLD * ACCUM micro-batches per update (what DeepSpeed / FSDP2 compute), projection by the
     ReplicatedBackend hook."""
-    from mars_dist.hook import ProjectionHook
+    from mars_dist.run.hook import ProjectionHook
     from mars_dist.sharding import ReplicatedBackend
 
     c = case(name)

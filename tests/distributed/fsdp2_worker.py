@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from mars_dist.hook import ProjectionHook
+from mars_dist.run.hook import ProjectionHook
 from mars_dist.sharding import build_fsdp2_backend
 
 

@@ -30,7 +30,7 @@ from accelerate.utils import InitProcessGroupKwargs
 from deepspeed.utils import safe_get_full_fp32_param
 
 from mars_dist.constraints import project
-from mars_dist.hook import ProjectionHook
+from mars_dist.run.hook import ProjectionHook
 from mars_dist.sharding import AnchorLayoutError, PretrainedWeights, build_backend
 
 

@@ -189,7 +189,7 @@ def certify_export(target: str | Path, pretrained: str | None = None,
     `radii`: the learned radii the run ended with (mars-ftp); default RUN_DIR/layers.json. `placement`: how the
     models are built whole in this process (the trainer's one rank under a ZeRO-3 launch must keep transformers
     from building them partitioned: a collective only one rank would enter)."""
-    from mars_dist.placement import WHOLE
+    from mars_dist.models.placement import WHOLE
 
     placement = placement or WHOLE
     with placement.transformers():
@@ -199,8 +199,8 @@ def certify_export(target: str | Path, pretrained: str | None = None,
 def _certify_export(target, pretrained, radii, placement) -> CertifyReport:
     from mars_dist.config import load
     from mars_dist.constraints import select_constraints
-    from mars_dist.export import find_export
-    from mars_dist.models import build_model, classifier_module_names
+    from mars_dist.models.export import find_export
+    from mars_dist.models.factory import build_model, classifier_module_names
 
     export = find_export(target)
     run_dir = export.parent if (export.parent / "config.yaml").is_file() else None

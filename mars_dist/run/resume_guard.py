@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
-from mars_dist.checkpoint import CheckpointError
+from mars_dist.run.checkpoint import CheckpointError
 from mars_dist.config import RESUME_MATH_KEYS, Config, to_dict
 
 

@@ -1,5 +1,5 @@
 """The torch Dataset over a HF split (seeded per-item augmentation, an optional cache of decoded images) and the
-transforms the models see. The loaders that feed it are in mars_dist/loader.py."""
+transforms the models see. The loaders that feed it are in mars_dist/data/loader.py."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
 
     The index is `i` (augmented for the epoch of `set_epoch`) or a pair `(epoch, i)`. Loader workers hold their
     own copies of the dataset, and persistent ones keep them across epochs, so a `set_epoch` in the training
-    process never reaches them; the loaders of mars_dist/loader.py therefore send the epoch with every index.
+    process never reaches them; the loaders of mars_dist/data/loader.py therefore send the epoch with every index.
     """
 
     def __init__(self, hf_ds: datasets.Dataset, transform: Callable, seed: int | None = None):

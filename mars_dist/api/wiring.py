@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mars_dist import api_guards as guards
+from mars_dist.api import guards
 
 
 def deepspeed_engine(model, accelerator):
@@ -42,7 +42,7 @@ def inner_optimizer(optimizer, engine) -> torch.optim.Optimizer:
 def find_head(module: nn.Module) -> list[str]:
     """The classifier head: the model's own (`get_classifier`), or that of the first submodule that has one (a
     timm model inside a wrapper, e.g. for the Hugging Face Trainer)."""
-    from mars_dist.models import classifier_module_names
+    from mars_dist.models.factory import classifier_module_names
 
     for prefix, sub in module.named_modules():
         if hasattr(sub, "get_classifier") or sub is module:

@@ -71,8 +71,8 @@ def predict(export_dir: str | Path, inputs: list[str], top_k: int = 1, output: s
     (stdout when None). Returns {'images', 'predicted', 'failed': [(path, error)], 'output'}."""
     from tqdm.auto import tqdm
 
-    from mars_dist.data import build_transforms
-    from mars_dist.export import load_export
+    from mars_dist.data.dataset import build_transforms
+    from mars_dist.models.export import load_export
 
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")

@@ -1,7 +1,7 @@
 """The trainer's data loaders: worker processes, pinned memory, persistence, prefetch and the decoded-image cache
 (the `data.*` keys of mars_dist/config.py), with batches that are the same whatever these settings are.
 
-Per-item augmentation seeds depend on the epoch (mars_dist/dataset.py). A loader's workers hold copies of the
+Per-item augmentation seeds depend on the epoch (mars_dist/data/dataset.py). A loader's workers hold copies of the
 dataset made when they start; persistent workers start once, so an epoch set on the training process's copy would
 never reach them and every epoch would repeat the augmentation of epoch 0. Here the epoch travels with every index
 instead: the batch sampler yields `(epoch, i)` pairs, read at the start of each pass from the sampler that orders
@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
-from mars_dist.dataset import estimate_decoded_bytes
+from mars_dist.data.dataset import estimate_decoded_bytes
 
 MAX_AUTO_WORKERS = 16
 """`num_workers: auto` never exceeds this per process: more workers add memory and start-up time for little gain

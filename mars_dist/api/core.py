@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mars_dist import api_guards as guards
-from mars_dist import api_wiring as wiring
+from mars_dist.api import guards
+from mars_dist.api import wiring
 from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup
 
 STATE_VERSION = 1
@@ -73,7 +73,7 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     DeepSpeed bf16/fp16 without `pretrained`.
     """
     from mars_dist.constraints import select_constraints
-    from mars_dist.hook import ProjectionHook
+    from mars_dist.run.hook import ProjectionHook
 
     cfg = _config(config, settings)
     engine = wiring.deepspeed_engine(model, accelerator)
@@ -118,7 +118,7 @@ class Constrained:
         setattr(self._optimizer, guards.ATTACHED_ATTR, True)
         self._accelerator, self._handles = accelerator, []
         if accelerator is not None:
-            from mars_dist import learned_radii
+            from mars_dist.run import learned_radii
 
             accelerator.register_for_checkpointing(self)
             self._handles = learned_radii.attach(accelerator, hook, backend, register=False) or []
@@ -137,7 +137,7 @@ class Constrained:
         """Flat metrics for `wandb.log` / `accelerator.log`: `layers/<name>/{distance,radius,ratio,frac_at_bound,
         layer_norm}`, `bound/C` (the log-domain bound term), `bound/max_ratio`, `bound/layers_at_radius`,
         `constraint/rows_clipped` (at the last update) and `constraint/penalty` (SP methods)."""
-        from mars_dist.tracking import layer_metrics
+        from mars_dist.run.tracking import layer_metrics
 
         out = layer_metrics(self.stats())
         out["constraint/rows_clipped"] = self.hook.last_clipped

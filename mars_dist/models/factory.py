@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from mars_dist.placement import WHOLE, Whole, init_fresh_head_
+from mars_dist.models.placement import WHOLE, Whole, init_fresh_head_
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def _build_hf_partitioned(name: str, pretrained: str, config, keep_head: bool,
     file) are handed to the placement by the model's own names, which fills and partitions one module at a time."""
     from transformers import AutoModelForImageClassification
 
-    from mars_dist import hf_partitioned
+    from mars_dist.models import hf_partitioned
 
     with placement.transformers():
         model = HFClassifier(AutoModelForImageClassification.from_config(config),
@@ -280,7 +280,7 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
     num_classes: outputs of the new classifier head; ignored (pretrained head kept) when `keep_head=True`.
     A weights file whose head has another class count loads without it (the new head stays); a file whose head
     matches keeps it (resuming one's own fine-tuned weights).
-    placement: where parameters are created (mars_dist.placement: whole, or partitioned by the launcher).
+    placement: where parameters are created (mars_dist.models.placement: whole, or partitioned by the launcher).
     head_seed: initialise a fresh head from this seed alone (`init_fresh_head_`), so that it does not depend on how
     the model was built; None keeps the architecture's own random init.
     """
@@ -391,7 +391,7 @@ def resolve_data_config(model: nn.Module, image_size: int | None) -> dict:
 
 # ---------------------------------------------------------------- export
 def export_model(*args, **kwargs):
-    """Moved to mars_dist.export (with class names and an image processor); kept here for old imports."""
-    from mars_dist.export import export_model as _export_model
+    """Moved to mars_dist.models.export (with class names and an image processor); kept here for old imports."""
+    from mars_dist.models.export import export_model as _export_model
 
     return _export_model(*args, **kwargs)

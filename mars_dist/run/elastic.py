@@ -62,8 +62,8 @@ def check_world_size(saved: dict, cfg, accelerator, ckpt) -> bool:
     saves SHARDED_STATE_DICT through torch.distributed.checkpoint, which reshards on load by itself.
     A changed global batch is refused where the LR schedule counts updates (an update now holds another number of
     samples, so the schedule would no longer match the data seen)."""
-    from mars_dist.checkpoint import CheckpointError
-    from mars_dist.resume_guard import layout
+    from mars_dist.run.checkpoint import CheckpointError
+    from mars_dist.run.resume_guard import layout
 
     old, new = saved.get("layout") or {}, layout(cfg, accelerator.num_processes)
     if old.get("global_batch") not in (None, new["global_batch"]):

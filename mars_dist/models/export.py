@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mars_dist.models import HFClassifier, classifier_module_names, resolve_data_config, resolve_source
+from mars_dist.models.factory import HFClassifier, classifier_module_names, resolve_data_config, resolve_source
 
 META_FILE = "mars_dist.json"
 _PIL_ENUM = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}

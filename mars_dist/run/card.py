@@ -53,7 +53,7 @@ def base_model(cfg: Config) -> tuple[str | None, str]:
 def dataset_id(cfg: Config) -> str:
     if cfg.data.name == "fashion-mnist":
         return FASHION_MNIST_HUB
-    if cfg.data.name == "mnist-5k":  # a subset of MNIST (mars_dist.bundled_data)
+    if cfg.data.name == "mnist-5k":  # a subset of MNIST (mars_dist.data.bundled)
         return "ylecun/mnist"
     if cfg.data.name == "imagefolder":
         return Path(cfg.data.path or "images").resolve().name
@@ -133,8 +133,8 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from mars_dist.export import META_FILE
-    from mars_dist.tracking import plot_layer_ratios
+    from mars_dist.models.export import META_FILE
+    from mars_dist.run.tracking import plot_layer_ratios
 
     out = Path(export_dir)
     save(cfg, out / "training_config.yaml")

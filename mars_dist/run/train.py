@@ -15,22 +15,25 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from mars_dist import checkpoint as ckpt
-from mars_dist import elastic, learned_radii, resume_guard
-from mars_dist.card import write_model_card
-from mars_dist.certify import certify_export
+from mars_dist.run import checkpoint as ckpt
+from mars_dist.run import elastic
+from mars_dist.run import learned_radii
+from mars_dist.run import resume_guard
+from mars_dist.run.card import write_model_card
+from mars_dist.commands.certify import certify_export
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import select_constraints, summary
-from mars_dist.data import ImageClassificationDataset, build_splits, build_transforms
-from mars_dist.hook import ProjectionHook
-from mars_dist.loader import build_loader
-from mars_dist.export import export_model
-from mars_dist.models import build_model, classifier_module_names, resolve_data_config
-from mars_dist.optim import build_optimizer, build_scheduler
+from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
+from mars_dist.data.splits import build_splits
+from mars_dist.run.hook import ProjectionHook
+from mars_dist.data.loader import build_loader
+from mars_dist.models.export import export_model
+from mars_dist.models.factory import build_model, classifier_module_names, resolve_data_config
+from mars_dist.run.optim import build_optimizer, build_scheduler
 from mars_dist.sharding import PretrainedWeights, build_backend, zero_from_torch, zero_universal
 from mars_dist.sharding.accelerate_setup import (adapt_to_precision, full_state_dict, input_dtype, make_accelerator,
                                                  model_placement)
-from mars_dist.tracking import Tracker, layer_metrics
+from mars_dist.run.tracking import Tracker, layer_metrics
 
 EXIT_PREEMPTED = 99
 

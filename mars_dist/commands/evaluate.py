@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mars_dist import config as config_mod
-from mars_dist.export import find_export, load_export
+from mars_dist.models.export import find_export, load_export
 
 ECE_BINS = 15
 
@@ -36,7 +36,7 @@ def eval_config(target: str | Path, overrides: list[str]) -> config_mod.Config:
 def eval_dataset(cfg: config_mod.Config, split: str):
     """(HF dataset with `image`/`label`, class names, skipped files) of `split` of the config's data set. An image
     folder without train/ and test/ (only class folders) is evaluated whole."""
-    from mars_dist.data import build_splits
+    from mars_dist.data.splits import build_splits
 
     root = Path(cfg.data.path) if cfg.data.path else None
     if cfg.data.name == "imagefolder" and root is not None and root.is_dir() and not (root / "test").is_dir() \
@@ -51,8 +51,8 @@ def _class_folders(root: Path, on_bad_image: str):
     """ROOT/<class>/**/<image>: every image, labelled by its class folder (sorted names, as datasets does)."""
     import datasets
 
-    from mars_dist.data import _checker
-    from mars_dist.predict import collect_images
+    from mars_dist.data.splits import _checker
+    from mars_dist.commands.predict import collect_images
 
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
@@ -143,8 +143,8 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
     EXPORT/eval for a lone export). Returns the metrics on every process."""
     from tqdm.auto import tqdm
 
-    from mars_dist.data import ImageClassificationDataset, build_transforms
-    from mars_dist.loader import build_loader
+    from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
+    from mars_dist.data.loader import build_loader
     from mars_dist.sharding.accelerate_setup import make_accelerator
 
     if split not in ("train", "val", "test"):

@@ -1,0 +1,1 @@
+"""What `mars-dist` does besides training: `evaluate`, `predict`, `report`, `sweep`, `certify`."""
