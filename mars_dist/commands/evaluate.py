@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from mars_dist import config as config_mod
 from mars_dist.models.export import find_export, load_export
@@ -145,6 +144,7 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
 
     from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
     from mars_dist.data.loader import build_loader
+    from mars_dist.run.loop import gathered_batches
     from mars_dist.sharding.accelerate_setup import make_accelerator
 
     if split not in ("train", "val", "test"):
@@ -164,15 +164,12 @@ def run_eval(target: str | Path, overrides: list[str] = (), split: str = "test",
                           cfg.data, cfg.train.batch_size, cfg.seed, device=accelerator.device, say=accelerator.print)
     loader = accelerator.prepare_data_loader(loader)  # the loader alone (also under DeepSpeed): shards
     all_logits, all_labels, loss_sum = [], [], 0.0
-    with torch.no_grad():
-        for x, y in tqdm(loader, desc="eval", disable=not accelerator.is_main_process):
-            logits = exported.model(x).float()
-            y = mapping.to(y.device)[y]
-            loss = F.cross_entropy(logits, y, reduction="none")  # per sample and summed as the trainer does
-            logits, y, loss = accelerator.gather_for_metrics((logits, y, loss))
-            loss_sum += float(loss.sum())
-            all_logits.append(logits.cpu())
-            all_labels.append(y.cpu())
+    batches = tqdm(loader, desc="eval", disable=not accelerator.is_main_process)
+    for logits, y, loss in gathered_batches(exported.model, batches, accelerator,
+                                            labels=lambda y: mapping.to(y.device)[y]):  # the trainer's own pass
+        loss_sum += float(loss.sum())
+        all_logits.append(logits.cpu())
+        all_labels.append(y.cpu())
     result = metrics(torch.cat(all_logits), torch.cat(all_labels), exported.class_names, loss_sum)
     result.update({"export": str(exported.path.resolve()), "data": {"name": cfg.data.name, "path": cfg.data.path,
                                                                   "split": split, "skipped_images": skipped},

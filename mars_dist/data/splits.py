@@ -289,3 +289,13 @@ def build_splits(name: str, path: str | None, train_per_class: int | None, val_p
         log.warning("skipped %d undecodable images (first: %s)", len(skipped), skipped[0])
     return Splits(train.select(tr), val_src.select(va), test.select(te), class_names, skipped,
                   {"train": tr, "val": va, "test": te})
+
+
+def check_labels(splits: Splits, name: str) -> None:
+    """Every label of every split is one of the class names (the head is sized from them)."""
+    num_classes = len(splits.class_names)
+    for split_name in ("train", "val", "test"):
+        bad = [y for y in set(getattr(splits, split_name)["label"]) if not 0 <= y < num_classes]
+        if bad:
+            raise ValueError(f"data '{name}': {split_name} split has labels {sorted(bad)[:5]} outside the "
+                             f"{num_classes} classes {splits.class_names[:5]}...; the head would not match the labels")

@@ -387,11 +387,3 @@ def resolve_data_config(model: nn.Module, image_size: int | None) -> dict:
         raise ValueError(f"{type(model).__name__} cannot take image_size={image_size}: {e}; set data.image_size "
                          f"to the model's size") from e
     return dict(cfg)
-
-
-# ---------------------------------------------------------------- export
-def export_model(*args, **kwargs):
-    """Moved to mars_dist.models.export (with class names and an image processor); kept here for old imports."""
-    from mars_dist.models.export import export_model as _export_model
-
-    return _export_model(*args, **kwargs)

@@ -1,0 +1,48 @@
+"""The end of a run: test and train accuracy, the export (fp32 masters), its certificate against the pretrained
+weights from their source, the model card, the tracker's summary."""
+
+from __future__ import annotations
+
+from mars_dist.commands.certify import certify_export
+from mars_dist.models.export import export_model
+from mars_dist.models.factory import build_model
+from mars_dist.run.card import write_model_card
+from mars_dist.run.loop import evaluate
+from mars_dist.run.tracking import layer_metrics
+from mars_dist.sharding.accelerate_setup import full_state_dict, model_placement
+
+
+def finish_run(run) -> dict:
+    """`run`: the FineTune after `fit`. Collectives first (evaluation, the fp32 state), then the main process
+    writes. Returns the summary on every process."""
+    acc, cfg = run.accelerator, run.cfg
+    test = evaluate(run.net, run.loaders["test"], acc, run.cast)
+    fit = evaluate(run.net, run.loaders["fit"], acc, run.cast)
+    stats = run.constrained.stats()
+    result = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "test_images": test["n"],
+              "train_accuracy": fit["accuracy"], "train_loss": fit["loss"],
+              "val_accuracy": run.last_eval.get("accuracy"), "updates": run.step, "chance": 1.0 / run.num_classes,
+              "bound_C": layer_metrics(stats)["bound/C"]}
+    run.tracker.log({"test/accuracy": test["accuracy"], "test/loss": test["loss"]}, run.step)
+    full_state = full_state_dict(acc, run.net)  # fp32 masters, also after bf16 training
+    if acc.is_main_process:
+        _export_and_certify(run, full_state, result, stats)
+    run.tracker.finish(stats, result, export_dir=run.out / "export")  # + the export as a W&B model artifact
+    acc.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / run.num_classes:.3f})")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result
+
+
+def _export_and_certify(run, full_state: dict, result: dict, stats) -> None:
+    cfg, acc, out = run.cfg, run.accelerator, run.out
+    whole = model_placement(acc, whole=True)  # one rank: never a partitioned build here
+    export = build_model(cfg.model.name, "none", run.num_classes, source=cfg.model.source, placement=whole)
+    export.load_state_dict(full_state)
+    export_model(export, out / "export", cfg.model.name, run.num_classes, cfg.model.source,
+                 data_config=run.data_cfg, class_names=run.splits.class_names)
+    # against the pretrained weights from their source, with the radii the run ended with (learned: mars-ftp)
+    certificate = certify_export(out / "export", radii={s.name: s.radius for s in stats}, placement=whole)
+    result["certificate"] = certificate.summary()
+    acc.print(f"certify: {certificate.lines()[-1]}")
+    write_model_card(out / "export", cfg, result, stats, acc, certificate=certificate)  # README.md
