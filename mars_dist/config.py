@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from mars_dist.constraints.methods import METHODS
+
 
 class ConfigError(ValueError):
     """A config problem; the message names the key (and file) at fault."""
@@ -217,7 +219,7 @@ class Config:
 CHOICES = {
     "model.source": ("auto", "timm", "hf"),
     "data.on_bad_image": ("fail", "skip"),
-    "constraint.method": ("mars-pgm", "l2-pgm", "mars-sp", "l2-sp", "mars-ftp", "none"),
+    "constraint.method": tuple(METHODS),
     "constraint.norm_layers": ("clip", "none"),
     "constraint.embeddings": ("clip", "none"),
     "constraint.mode": ("sharded", "gather"),

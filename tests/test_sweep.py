@@ -7,10 +7,11 @@ import optuna
 import pytest
 
 from mars_dist import config
-from mars_dist.commands.sweep import SEARCH_SPACE, open_study, suggest, sweep
+from mars_dist.commands.sweep import open_study, suggest, sweep
+from mars_dist.constraints.methods import METHODS
 
 
-@pytest.mark.parametrize("method", list(SEARCH_SPACE))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_suggestions_stay_in_ranges(method):
     cfg = config.load(None, [f"constraint.method={method}", "sweep.radius_range=[2, 8]",
                              "sweep.penalty_range=[1e-4, 1e-2]", "sweep.head_radius_range=[2, 8]"])
@@ -18,7 +19,7 @@ def test_suggestions_stay_in_ranges(method):
     for _ in range(30):
         trial = study.ask()
         values = suggest(trial, cfg)
-        assert set(values) == set(SEARCH_SPACE[method])
+        assert set(values) == set(METHODS[method].search)
         for key, v in values.items():
             lo, hi = (2, 8) if "radius" in key else (1e-4, 1e-2)
             assert lo <= v <= hi

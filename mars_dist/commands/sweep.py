@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from mars_dist import config as config_mod
+from mars_dist.constraints.methods import method
 
 EXIT_PREEMPTED = 99  # = mars_dist.train.EXIT_PREEMPTED (not imported here: that module pulls in torch)
 
@@ -34,21 +35,12 @@ class TrialPreempted(Exception):
     swallow it as an ordinary failed trial."""
 
 
-# Which knobs each method searches (PGM: radii; SP: penalty weights; none: nothing but the seed-fixed run).
-SEARCH_SPACE = {
-    "mars-pgm": {"radius": "radius_range", "head_radius": "head_radius_range"},
-    "l2-pgm": {"radius": "radius_range", "head_radius": "head_radius_range"},
-    "mars-sp": {"penalty": "penalty_range", "head_penalty": "penalty_range"},
-    "l2-sp": {"penalty": "penalty_range", "head_penalty": "penalty_range"},
-    "mars-ftp": {"head_radius": "head_radius_range"},  # the backbone radii are learned in the run itself
-    "none": {},
-}
 
 
 def suggest(trial, cfg: config_mod.Config) -> dict:
     """The constraint values of one trial, log-uniform in the configured ranges."""
     values = {}
-    for key, range_key in SEARCH_SPACE[cfg.constraint.method].items():
+    for key, range_key in method(cfg.constraint.method).search.items():
         lo, hi = getattr(cfg.sweep, range_key)
         values[key] = trial.suggest_float(key, lo, hi, log=True)
     return values

@@ -19,18 +19,9 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from mars_dist.constraints.methods import method as method_named
 from mars_dist.constraints.rules import Constraint
 
-METHODS = {
-    # method: (action, norm)
-    "mars-pgm": ("project", "mars"),
-    "l2-pgm": ("project", "l2"),
-    "mars-sp": ("penalty", "mars"),
-    "l2-sp": ("penalty", "l2"),
-    "none": ("none", "mars"),
-    "mars-ftp": ("project", "mars"),  # radii learned per layer (constraints/learned.py)
-}
-LEARNED_RADII = {"mars-ftp"}
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 _EMBED_NAMES = ("pos_embed", "cls_token", "dist_token", "reg_token", "position_embeddings", "mask_token")
 
@@ -59,9 +50,8 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
     Must be called on the model holding its PRETRAINED weights (BatchNorm anchors copy the running variance).
     Method "none" still returns every layer (action "none") so plain fine-tuning is measured the same way.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown constraint method {method!r}; choose one of {', '.join(METHODS)}")
-    action, norm = METHODS[method]
+    declared = method_named(method)
+    action, norm = declared.action, declared.norm
     if not head_modules:
         raise ValueError("no classifier head module given: the head must be constrained around zero")
     roles: dict[str, tuple[str, nn.Module]] = {}
@@ -89,7 +79,7 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
         # BatchNorm effective scales (radius): a learned radius starts at 1e-8, and an effective scale pinned that
         # close to its anchor ties the BN weight to the moving running variance (measured: BN in train mode then
         # collapses to chance accuracy within an epoch)
-        learned = method in LEARNED_RADII and role not in ("head", "bn")
+        learned = declared.learned and role not in ("head", "bn")
         matched = next((g for g in groups if fnmatch.fnmatchcase(name, g[0])), None)
         if matched is not None:
             learned = False  # a group's number is a fixed radius, also under a learned-radius method

@@ -11,20 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mars_dist.config import Config, save
+from mars_dist.constraints.methods import METHODS
 
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
-METHOD_TEXT = {
-    "mars-pgm": "MARS-PGM: after every update each layer is projected into a ball around its pretrained weights in "
-                "the MARS norm (maximum absolute row sum), ‖W − W0‖_MARS ≤ radius, the new head into "
-                "‖W‖_MARS ≤ head radius (Gouk, Hospedales, Pontil, ICLR 2021)",
-    "l2-pgm": "L2-PGM: after every update each layer is projected into a Frobenius-norm ball around its pretrained "
-              "weights, the new head into a ball around zero",
-    "mars-sp": "MARS-SP: a MARS-norm penalty on the distance from the pretrained weights",
-    "l2-sp": "L2-SP: a squared L2 penalty on the distance from the pretrained weights",
-    "mars-ftp": "MARS-FTP: as MARS-PGM, with one radius per layer learned during the fine-tune (Fast Trainable "
-                "Projection, Tian et al., NeurIPS 2023); the head and BatchNorm scales keep fixed radii",
-    "none": "plain fine-tuning (no constraint; distances are reported for reference)",
-}
 
 
 def base_model(cfg: Config) -> tuple[str | None, str]:
@@ -64,11 +53,11 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
     c = cfg.constraint
     if c.method == "none":
         return "none (unconstrained)"
-    if c.method.endswith("-sp"):
+    if METHODS[c.method].action == "penalty":
         return f"penalty weights: backbone {c.penalty:g}, head {c.head_penalty:g} (no radii: a penalty method)"
     groups = "".join(f"; `{g.pattern}`: {'unconstrained' if g.radius is None else f'{g.radius:g}'}"
                      for g in c.groups)
-    if c.method == "mars-ftp":
+    if METHODS[c.method].learned:
         return (f"backbone: learned per layer (FTP, Adam lr {c.ftp.lr:g}, start {c.ftp.init_radius:g}; the final "
                 f"values are in the table below), BatchNorm {c.radius:g} and head {c.head_radius:g} fixed{groups}")
     swept = run_dir is not None and (run_dir / "trial_config.yaml").is_file()
@@ -170,7 +159,7 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
     facts = [
         ("Base model", f"`{cfg.model.name}` ({library})"), ("Base weights", base_text), ("Data", data_text),
         ("Classes", f"{len(class_names)}: {names}" if class_names else "not recorded"),
-        ("Method", METHOD_TEXT.get(method, method)), ("Radii", radii_text(cfg, run_dir)),
+        ("Method", METHODS[method].card if method in METHODS else method), ("Radii", radii_text(cfg, run_dir)),
         ("Test accuracy", f"{_fmt(result.get('test_accuracy'))} on {result.get('test_images')} images "
                           f"(chance {_fmt(result.get('chance'), 3)}); test loss {_fmt(result.get('test_loss'))}"),
         ("Validation accuracy", _fmt(result.get("val_accuracy"))),
