@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from mars_dist.constraints.fragments import radial_scales
+from mars_dist.constraints.kernels import rescale_, row_l1
 from mars_dist.constraints.packed import Packed
+from mars_dist.constraints.segments import gathered
 from mars_dist.constraints.rules import Constraint
 
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -56,20 +58,30 @@ def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
 
 
 def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
-    """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq)."""
+    """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq).
+
+    The projection's case (l1 only) reads each row once with the fused kernel, where the row lies when it can
+    (constraints/segments.py); telemetry and penalties (several sums) compute D once per segment in a scratch."""
     out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
     p.bind(ws)
     for ch in p.chunks:
-        m, _ = p.scratch_blocks(ch)
-        torch.cat(p.chunk_views(ch), out=m)
-        # abs_ in place + sum(1): ~2e-7 relative error and fast on short rows (vector_norm(ord=1) is 1e-6 and slow)
-        vals = [m.abs().sum(1)] if of_w else []
-        m.sub_(ch.anchor)
-        sq_vals = torch.linalg.vector_norm(m, 2, dim=1).square() if sq else None
-        if l1:
-            vals.append(m.abs_().sum(1))
-        if sq:
-            vals.append(sq_vals)
+        vals = [torch.empty(ch.rows.numel(), device=p.device) for _ in out]
+        for sg in p.segments(ch):
+            w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch(), ch.length)
+            a = ch.anchor[sg.start:sg.stop]
+            if l1 and not (sq or of_w):
+                vals[0][sg.start:sg.stop] = row_l1(w, a, p.compiled)
+                continue
+            got = [w.abs().sum(1)] if of_w else []
+            d = w - a
+            if sq:
+                sq_vals = torch.linalg.vector_norm(d, 2, dim=1).square()
+            if l1:
+                got.append(d.abs_().sum(1))
+            if sq:
+                got.append(sq_vals)
+            for v, g in zip(vals, got):
+                v[sg.start:sg.stop] = g
         for o, v in zip(out, vals):
             o.index_add_(0, ch.rows, v)
     if p.pieces:
@@ -110,16 +122,27 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
 
 
 def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
-    """W <- lerp(W0, W, s) per row, computed on the packed chunk and copied back with one foreach: torch's lerp
-    returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0) otherwise, where 1 - s is exact (Sterbenz), so the
-    row lands on its radius to rounding and a row with s = 1 is returned bit-exactly. (An in-place
-    `_foreach_lerp_(W, W0, 1 - s)` would read fewer bytes but rounds 1 - s: 1e-5 off the radius for s ~ 1e-2.)"""
+    """W <- lerp(W0, W, s) per row: in place where the rows lie (one pass: read W, W0, write W), or on a gathered
+    copy written back with one foreach. torch's lerp returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0)
+    otherwise, where 1 - s is exact (Sterbenz), so the row lands on its radius to rounding and a row with s = 1 is
+    returned bit-exactly. (An in-place `_foreach_lerp_(W, W0, 1 - s)` rounds 1 - s: 1e-5 off the radius for
+    s ~ 1e-2.) Segments without a clipped row are skipped (one host sync for all of them)."""
     p.bind(ws)
-    for ch in p.chunks:
-        views = p.chunk_views(ch)
-        m, blocks = p.scratch_blocks(ch)
-        torch.lerp(ch.anchor, torch.cat(views, out=m), scale[ch.rows].unsqueeze(1), out=m)
-        torch._foreach_copy_(views, blocks)
+    plans = [(ch, sg) for ch in p.chunks for sg in p.segments(ch)]
+    if plans:
+        clipped = scale < 1
+        hit = torch.stack([clipped[ch.rows[sg.start:sg.stop]].any() for ch, sg in plans]).tolist()
+        for (ch, sg), h in zip(plans, hit):
+            if not h:
+                continue
+            s = scale[ch.rows[sg.start:sg.stop]].unsqueeze(1)
+            a = ch.anchor[sg.start:sg.stop]
+            if sg.view is not None:
+                rescale_(sg.view, a, s)
+            else:
+                m = gathered(sg, p.gather_scratch(), ch.length)
+                rescale_(m, a, s)
+                torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
     if p.pieces:
         lengths = p.piece_lengths.tolist()
         views = p.piece_views(ws)

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 
 import torch
 
+from mars_dist.constraints import segments as seg
 from mars_dist.constraints.fragments import row_segments
+from mars_dist.constraints.kernels import compile_wanted
 
 CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 scratch per chunk
 
@@ -42,6 +44,10 @@ def _anchor_of(f) -> torch.Tensor:
         raise ValueError(f"fragment of {f.constraint.name!r} has no anchor: pass the backend's `packing` (the "
                          f"layout that holds the anchors) to project / measure / add_penalty_grads")
     return torch.zeros_like(f.w)
+
+
+def _address(w: torch.Tensor, start: int) -> tuple[int, int]:
+    return w.untyped_storage().data_ptr(), w.storage_offset() + start
 
 
 @dataclass
@@ -71,6 +77,8 @@ class Packed:
         self.con_of = [con_index[id(f.constraint)] for f in fragments]
         self._layout_rows(fragments, chunk_elems)
         self._layout_diag(fragments)
+        self.compiled = compile_wanted(sum(ch.anchor.numel() for ch in self.chunks))
+        """Whether the row sums use the compiled one-pass kernel (constraints/kernels.py; decided once here)."""
 
     # ---- layout (once) ----------------------------------------------------------------------------------------
     def _layout_rows(self, fragments, chunk_elems: int) -> None:
@@ -101,6 +109,9 @@ class Packed:
                     piece_anchor.append(a[start:stop])
         self.chunks = []
         for length, items in sorted(blocks.items()):
+            # in memory order: blocks that are adjacent in one flat buffer (ZeRO, FSDP2) end up in one chunk, in
+            # order, so that they are visited in place as one matrix (constraints/segments.py)
+            items.sort(key=lambda it: _address(fragments[it[0]].w, it[1]))
             per = max(1, chunk_elems // length)
             cur, cur_rows, cur_anchor, filled = [], [], [], 0
             for i, start, rows, row0, a in items:
@@ -223,6 +234,20 @@ class Packed:
         if views is None:
             views = cache[id(ch)] = self.chunk_views(ch, self._bound)
         return views
+
+    def segments(self, ch: _Chunk) -> list[seg.Segment]:
+        """The chunk's segments over the bound fragments: in-place runs and gathered batches (cached with the
+        views)."""
+        key = ("segments", id(ch))
+        hit = self._views.get(key)
+        if hit is None:
+            hit = self._views[key] = seg.plan(self.chunk_views(ch), ch.length)
+        return hit
+
+    def gather_scratch(self) -> torch.Tensor:
+        if getattr(self, "_gather", None) is None:
+            self._gather = torch.empty(seg.GATHER_ELEMS, device=self.device)
+        return self._gather
 
     def scratch_blocks(self, ch: _Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The chunk's (rows, L) matrix in the shared scratch, and its split into the blocks (cached)."""
