@@ -50,11 +50,10 @@ def _packed(fragments: Sequence[Fragment], packing: Packed | None) -> Packed:
 
 def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
     """Per global row: is its constraint L2? And whether any selected row constraint is MARS / L2."""
-    cons = [p.cons[k] for k in p.row_cons]
-    chosen = [want(c) for c in cons]
-    is_l2 = p.row_constraint_is_l2()[p.row_con]
-    return (is_l2, any(ch and c.norm != "l2" for c, ch in zip(cons, chosen)),
-            any(ch and c.norm == "l2" for c, ch in zip(cons, chosen)))
+    chosen = [(want(p.cons[k]), p.cons[k].norm == "l2") for k in p.row_cons]
+    if getattr(p, "_is_l2_rows", None) is None:
+        p._is_l2_rows = p.row_constraint_is_l2()[p.row_con]
+    return p._is_l2_rows, (True, False) in chosen, (True, True) in chosen
 
 
 def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
@@ -128,21 +127,21 @@ def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
     returned bit-exactly. (An in-place `_foreach_lerp_(W, W0, 1 - s)` rounds 1 - s: 1e-5 off the radius for
     s ~ 1e-2.) Segments without a clipped row are skipped (one host sync for all of them)."""
     p.bind(ws)
-    plans = [(ch, sg) for ch in p.chunks for sg in p.segments(ch)]
-    if plans:
-        clipped = scale < 1
-        hit = torch.stack([clipped[ch.rows[sg.start:sg.stop]].any() for ch, sg in plans]).tolist()
-        for (ch, sg), h in zip(plans, hit):
-            if not h:
-                continue
-            s = scale[ch.rows[sg.start:sg.stop]].unsqueeze(1)
-            a = ch.anchor[sg.start:sg.stop]
-            if sg.view is not None:
-                rescale_(sg.view, a, s)
-            else:
-                m = gathered(sg, p.gather_scratch(), ch.length)
-                rescale_(m, a, s)
-                torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
+    plans = []
+    for ch in p.chunks:
+        s = scale.index_select(0, ch.rows).unsqueeze(1)
+        plans += [(ch, sg, s[sg.start:sg.stop]) for sg in p.segments(ch)]
+    hit = torch.stack([s.min() for _, _, s in plans]).lt(1).tolist() if plans else []
+    for (ch, sg, s), h in zip(plans, hit):
+        if not h:
+            continue
+        a = ch.anchor[sg.start:sg.stop]
+        if sg.view is not None:
+            rescale_(sg.view, a, s)
+        else:
+            m = gathered(sg, p.gather_scratch(), ch.length)
+            rescale_(m, a, s)
+            torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
     if p.pieces:
         lengths = p.piece_lengths.tolist()
         views = p.piece_views(ws)

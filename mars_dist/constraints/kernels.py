@@ -27,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 AUTO_MIN_ELEMENTS = 8_000_000
+COMPILED_MIN = 1 << 15  # elements: below this a compiled call (~30 us through dynamo) costs more than it saves
 ENV = "MARS_DIST_COMPILE"
 
 _state = {"fn": None, "failed": False, "compile_s": 0.0}
@@ -66,7 +67,7 @@ def _compiled():
 
 def row_l1(w: torch.Tensor, w0: torch.Tensor, compiled: bool) -> torch.Tensor:
     """Per row sum |w - w0| (float32) of two (rows, L) matrices."""
-    if not compiled or _state["failed"]:
+    if not compiled or _state["failed"] or w.numel() < COMPILED_MIN:
         return _row_l1_eager(w, w0)
     from torch._dynamo.decorators import mark_unbacked
 

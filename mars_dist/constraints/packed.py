@@ -20,6 +20,7 @@ which returns W exactly when s = 1 (engine._rescale_rows).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -214,16 +215,20 @@ class Packed:
 
     # ---- per-update building blocks ------------------------------------------------------------------------
     def bind(self, tensors: list[torch.Tensor]) -> None:
-        """Fix the tensors (one flat fp32 view per fragment) that the next chunk_views calls use. Views are cached
-        while the fragments are the same memory: building thousands of views per update costs more than the
-        arithmetic on small models. (A cached view keeps its storage alive, so an equal data_ptr means the same
-        memory.)"""
-        key = tuple(t.data_ptr() for t in tensors)
+        """Fix the tensors (one flat fp32 view per fragment) that the next chunk_views / segments calls use. Views
+        are cached while the fragments are the same memory: building thousands of views per update costs more than
+        the arithmetic on small models. The same tensor objects as last time are the same memory (fragments are
+        views; nothing here re-points a view with `set_`); otherwise an equal data_ptr is (a cached view keeps its
+        storage alive)."""
+        last = getattr(self, "_bound", None)
+        if last is not None and len(last) == len(tensors) and all(map(operator.is_, last, tensors)):
+            return
+        key = tuple(map(torch.Tensor.data_ptr, tensors))
         cache = self.__dict__.setdefault("_views", {})
         if cache.get("key") != key:
             cache.clear()
             cache["key"] = key
-        self._bound = tensors
+        self._bound = tuple(tensors)
 
     def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """(rows, L) views of the chunk's blocks: of `tensors` (not cached), or of the bound fragments."""
@@ -280,14 +285,20 @@ class Packed:
             z = torch.zeros(0, device=self.device)
             return z, z, z
         w = torch.cat([ws[i] for i in self.diag])
-        parts = []
+        if getattr(self, "_diag_eps", None) is None:  # per element: the BN eps, 0 elsewhere (denominator 1)
+            self._diag_eps = torch.cat([torch.full((self.numels[i],), self.cons[self.con_of[i]].bn_eps
+                                                   if self.cons[self.con_of[i]].role == "bn" else 0.0)
+                                        for i in self.diag]).to(self.device)
+            self._diag_ones = torch.ones(max(self.numels[i] for i in self.diag), device=self.device)
+        parts = []  # the live running variances (they change during training), one cat and one sqrt for all
         for i in self.diag:
             c, n = self.cons[self.con_of[i]], self.numels[i]
             if c.role == "bn":
-                parts.append(c.bn_denominator(c.running_var, self.offsets[i], n).to(self.device))
+                parts.append(c.running_var.detach().reshape(-1)[self.offsets[i]:self.offsets[i] + n]
+                             .to(self.device, torch.float32))
             else:
-                parts.append(torch.ones(n, device=self.device))
-        denom = torch.cat(parts)
+                parts.append(self._diag_ones[:n])
+        denom = torch.cat(parts).add_(self._diag_eps).sqrt_()
         return w, w / denom, denom
 
     def scratch(self) -> torch.Tensor:
@@ -309,9 +320,16 @@ class Packed:
                 v.copy_(mean.view_as(v).to(v.dtype))
 
     def _radii(self, cons: list[int], index: torch.Tensor) -> torch.Tensor:
-        # read at every call: radii may change during training (a caller's schedule, learned radii)
+        # read at every call: radii may change during training (a caller's schedule, learned radii); the tensor is
+        # rebuilt only when a value changed (a Python list compare, not a tensor per call)
         r = [_radius(self.cons[k]) for k in cons]
-        return torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
+        cache = self.__dict__.setdefault("_radii_cache", {})
+        key = (id(cons), id(index))
+        hit = cache.get(key)
+        if hit is None or hit[0] != r:
+            t = torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
+            hit = cache[key] = (r, t)
+        return hit[1]
 
     def row_radius(self) -> torch.Tensor:
         """Per global row: the radius of a projected row constraint, inf otherwise."""
@@ -319,7 +337,10 @@ class Packed:
 
     def row_constraint_is_l2(self) -> torch.Tensor:
         """Per row constraint (in `row_cons` order): True where its norm is L2 (one scale per tensor)."""
-        return torch.tensor([self.cons[k].norm == "l2" for k in self.row_cons], dtype=torch.bool, device=self.device)
+        if getattr(self, "_is_l2", None) is None:  # a constraint's norm never changes
+            self._is_l2 = torch.tensor([self.cons[k].norm == "l2" for k in self.row_cons], dtype=torch.bool,
+                                       device=self.device)
+        return self._is_l2
 
     def row_constraint_radius(self) -> torch.Tensor:
         """Per row constraint (in `row_cons` order): its radius if projected, inf otherwise."""
