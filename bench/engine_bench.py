@@ -98,16 +98,16 @@ class FlatBackend(Backend):
         self.slots = [where[c.name] for c in constraints]
         self.pack(self.fragments())
 
-    def enumerate(self):
-        """What ZeroBackend.fragments() does per call: a narrow view per constraint of the flat buffer."""
+    def fragments(self):
+        """As ZeroBackend.fragments(): a narrow view per constraint of the flat buffer, built at every call."""
         return [Fragment(c, self.flat.detach().narrow(0, s, n), None, 0) for c, (s, n) in zip(self.constraints,
                                                                                                self.slots)]
 
-    def fragments(self):
-        """Cached while the flat buffer is the same memory (ZeroBackend rebuilds its views at every call)."""
+    def weight_fragments(self):
+        """As ZeroBackend.weight_fragments() (what the hook projects): cached while the buffer is the same memory."""
         if getattr(self, "_key", None) != self.flat.data_ptr():
-            self._key, self._frags = self.flat.data_ptr(), self.enumerate()
-        return self._frags
+            self._key, self._weights = self.flat.data_ptr(), self.fragments()
+        return self._weights
 
     def reduce(self, to_sum, to_average):
         return to_sum, to_average
@@ -139,7 +139,7 @@ def worst_case(model: nn.Module, head: str, layout: str, radius: float, head_rad
 
 def variants(backend, baseline) -> dict:
     """The per-update calls to time: compiled row sums, eager row sums, and the engine of --baseline."""
-    run = lambda: project(backend.fragments(), backend.reduce, backend.packing)  # noqa: E731
+    run = lambda: project(backend.weight_fragments(), backend.reduce, backend.packing)  # noqa: E731
 
     def with_mode(compiled):
         def fn():
@@ -149,7 +149,7 @@ def variants(backend, baseline) -> dict:
 
     out = {"packed": with_mode(True), "eager": with_mode(False)}
     if baseline is not None:
-        out["baseline"] = lambda: baseline.project(backend.fragments(), backend.reduce, backend.packing)
+        out["baseline"] = lambda: baseline.project(backend.weight_fragments(), backend.reduce, backend.packing)
     return out
 
 
@@ -175,7 +175,8 @@ def bench_group(builds: dict, layout: str, rounds: int, baseline) -> dict:
                           info={"constrained_tensors": len(constraints), "constrained_params": n,
                                 "rows_clipped": clipped, "compile_s": compile_s})
         if layout == "zero3":
-            cases[key]["info"]["enumerate_ms"] = 1e3 * median([timeit(backend.enumerate) for _ in range(5)])
+            # what building the fragments at every update (ZeroBackend.fragments) would add
+            cases[key]["info"]["enumerate_ms"] = 1e3 * median([timeit(backend.fragments) for _ in range(5)])
     samples = {key: {"bw": []} | {v: [] for v in c["calls"]} for key, c in cases.items()}
     for _ in range(rounds):
         bw = triad.bandwidth()
@@ -194,7 +195,8 @@ def bench_group(builds: dict, layout: str, rounds: int, baseline) -> dict:
             r[f"{name}_floor_share"] = median([20 * c["n"] / bw / t for bw, t in zip(sm["bw"], sm[name])])
         out[key] = r
     if "20 Linear" in samples and "2000 Linear" in samples:
-        out["ratio_2000_vs_20"] = {v: median([a / b for a, b in zip(samples["2000 Linear"][v], samples["20 Linear"][v])])
+        big, small = samples["2000 Linear"], samples["20 Linear"]
+        out["ratio_2000_vs_20"] = {v: median([a / b for a, b in zip(big[v], small[v])])
                                    for v in cases["20 Linear"]["calls"]}
     return out
 

@@ -66,7 +66,7 @@ def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list
     for ch in p.chunks:
         vals = [torch.empty(ch.rows.numel(), device=p.device) for _ in out]
         for sg in p.segments(ch):
-            w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch(), ch.length)
+            w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
             a = ch.anchor[sg.start:sg.stop]
             if l1 and not (sq or of_w):
                 vals[0][sg.start:sg.stop] = row_l1(w, a, p.compiled)
@@ -139,7 +139,7 @@ def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
         if sg.view is not None:
             rescale_(sg.view, a, s)
         else:
-            m = gathered(sg, p.gather_scratch(), ch.length)
+            m = gathered(sg, p.gather_scratch, ch.length)
             rescale_(m, a, s)
             torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
     if p.pieces:

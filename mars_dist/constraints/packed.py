@@ -249,9 +249,11 @@ class Packed:
             hit = self._views[key] = seg.plan(self.chunk_views(ch), ch.length)
         return hit
 
-    def gather_scratch(self) -> torch.Tensor:
-        if getattr(self, "_gather", None) is None:
-            self._gather = torch.empty(seg.GATHER_ELEMS, device=self.device)
+    def gather_scratch(self, numel: int) -> torch.Tensor:
+        """At least `numel` elements of scratch for gathered segments (normally GATHER_ELEMS: stays in cache; more
+        only for a large block that cannot be visited in place, e.g. not fp32)."""
+        if getattr(self, "_gather", None) is None or self._gather.numel() < numel:
+            self._gather = torch.empty(max(numel, seg.GATHER_ELEMS), device=self.device)
         return self._gather
 
     def scratch_blocks(self, ch: _Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -75,7 +75,8 @@ def plan(views: list[torch.Tensor], length: int) -> list[Segment]:
     return out
 
 
-def gathered(seg: Segment, scratch: torch.Tensor, length: int) -> torch.Tensor:
-    """The segment's rows copied into `scratch` as a (rows, L) matrix."""
-    m = scratch[:(seg.stop - seg.start) * length].view(seg.stop - seg.start, length)
-    return torch.cat(seg.blocks, out=m)
+def gathered(seg: Segment, scratch, length: int) -> torch.Tensor:
+    """The segment's rows copied into `scratch(numel)` (a tensor of at least numel elements) as a (rows, L)
+    matrix."""
+    rows = seg.stop - seg.start
+    return torch.cat(seg.blocks, out=scratch(rows * length)[:rows * length].view(rows, length))
