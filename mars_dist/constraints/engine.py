@@ -63,26 +63,26 @@ def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list
     (constraints/segments.py); telemetry and penalties (several sums) compute D once per segment in a scratch."""
     out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
     p.bind(ws)
-    for ch in p.chunks:
-        vals = [torch.empty(ch.rows.numel(), device=p.device) for _ in out]
-        for sg in p.segments(ch):
-            w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
-            a = ch.anchor[sg.start:sg.stop]
-            if l1 and not (sq or of_w):
-                vals[0][sg.start:sg.stop] = row_l1(w, a, p.compiled)
-                continue
-            got = [w.abs().sum(1)] if of_w else []
-            d = w - a
-            if sq:
-                sq_vals = torch.linalg.vector_norm(d, 2, dim=1).square()
-            if l1:
-                got.append(d.abs_().sum(1))
-            if sq:
-                got.append(sq_vals)
-            for v, g in zip(vals, got):
-                v[sg.start:sg.stop] = g
-        for o, v in zip(out, vals):
-            o.index_add_(0, ch.rows, v)
+    vals = [torch.empty(p.block_rows.numel(), device=p.device) for _ in out]  # in block_rows order
+    for ch, sg in p.all_segments()[0]:
+        w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
+        a = ch.anchor[sg.start:sg.stop]
+        rows = slice(ch.base + sg.start, ch.base + sg.stop)
+        if l1 and not (sq or of_w):
+            vals[0][rows] = row_l1(w, a, p.compiled)
+            continue
+        got = [w.abs().sum(1)] if of_w else []
+        d = w - a
+        if sq:
+            sq_vals = torch.linalg.vector_norm(d, 2, dim=1).square()
+        if l1:
+            got.append(d.abs_().sum(1))
+        if sq:
+            got.append(sq_vals)
+        for v, g in zip(vals, got):
+            v[rows] = g
+    for o, v in zip(out, vals):
+        o.index_add_(0, p.block_rows, v)
     if p.pieces:
         raw = torch.cat(p.piece_views(ws))
         d = raw - p.piece_anchor
@@ -127,21 +127,20 @@ def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
     returned bit-exactly. (An in-place `_foreach_lerp_(W, W0, 1 - s)` rounds 1 - s: 1e-5 off the radius for
     s ~ 1e-2.) Segments without a clipped row are skipped (one host sync for all of them)."""
     p.bind(ws)
-    plans = []
-    for ch in p.chunks:
-        s = scale.index_select(0, ch.rows).unsqueeze(1)
-        plans += [(ch, sg, s[sg.start:sg.stop]) for sg in p.segments(ch)]
-    hit = torch.stack([s.min() for _, _, s in plans]).lt(1).tolist() if plans else []
-    for (ch, sg, s), h in zip(plans, hit):
-        if not h:
-            continue
-        a = ch.anchor[sg.start:sg.stop]
-        if sg.view is not None:
-            rescale_(sg.view, a, s)
-        else:
-            m = gathered(sg, p.gather_scratch, ch.length)
-            rescale_(m, a, s)
-            torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
+    pairs, lengths = p.all_segments()
+    if pairs:
+        s_all = scale.index_select(0, p.block_rows).unsqueeze(1)
+        hit = torch.segment_reduce(s_all.view(-1), "min", lengths=lengths).lt(1).tolist()
+        for (ch, sg), h in zip(pairs, hit):
+            if not h:
+                continue
+            s, a = s_all[ch.base + sg.start:ch.base + sg.stop], ch.anchor[sg.start:sg.stop]
+            if sg.view is not None:
+                rescale_(sg.view, a, s)
+            else:
+                m = gathered(sg, p.gather_scratch, ch.length)
+                rescale_(m, a, s)
+                torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
     if p.pieces:
         lengths = p.piece_lengths.tolist()
         views = p.piece_views(ws)

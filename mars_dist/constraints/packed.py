@@ -57,6 +57,7 @@ class _Chunk:
     blocks: list[tuple[int, int, int]]   # (fragment, first element, rows)
     rows: torch.Tensor                   # global row index of each row (int64)
     anchor: torch.Tensor                 # (rows, L)
+    base: int = 0                        # first row of this chunk in `Packed.block_rows`
 
 
 class Packed:
@@ -129,6 +130,12 @@ class Packed:
                         cur, cur_rows, cur_anchor, filled = [], [], [], 0
             if cur:
                 self._add_chunk(length, cur, cur_rows, cur_anchor)
+        at = 0
+        for ch in self.chunks:
+            ch.base, at = at, at + ch.rows.numel()
+        self.block_rows = torch.cat([ch.rows for ch in self.chunks]) if self.chunks else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        """The global row of every row of every chunk, chunk after chunk (each row once per rank)."""
         self.pieces = pieces
         self.piece_rows = torch.tensor(piece_rows, dtype=torch.long, device=dev)
         self.piece_lengths = torch.tensor([b - a for _, a, b in pieces], dtype=torch.long, device=dev)
@@ -247,6 +254,15 @@ class Packed:
         hit = self._views.get(key)
         if hit is None:
             hit = self._views[key] = seg.plan(self.chunk_views(ch), ch.length)
+        return hit
+
+    def all_segments(self) -> tuple[list[tuple[_Chunk, seg.Segment]], torch.Tensor]:
+        """Every (chunk, segment) in `block_rows` order, and the segments' row counts (cached with the views)."""
+        hit = self._views.get("all")
+        if hit is None:
+            pairs = [(ch, sg) for ch in self.chunks for sg in self.segments(ch)]
+            lengths = torch.tensor([sg.stop - sg.start for _, sg in pairs], dtype=torch.long, device=self.device)
+            hit = self._views["all"] = (pairs, lengths)
         return hit
 
     def gather_scratch(self, numel: int) -> torch.Tensor:
