@@ -48,12 +48,12 @@ def _packed(fragments: Sequence[Fragment], packing: Packed | None) -> Packed:
     return packing
 
 
-def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
-    """Per global row: is its constraint L2? And whether any selected row constraint is MARS / L2."""
-    chosen = [(want(p.cons[k]), p.cons[k].norm == "l2") for k in p.row_cons]
+def _row_kinds(p: Packed, action: str) -> tuple[torch.Tensor, bool, bool]:
+    """Per global row: is its constraint L2? And whether any row constraint with this action (and a radius /
+    weight) is MARS / L2."""
     if getattr(p, "_is_l2_rows", None) is None:
         p._is_l2_rows = p.row_constraint_is_l2()[p.row_con]
-    return p._is_l2_rows, (True, False) in chosen, (True, True) in chosen
+    return (p._is_l2_rows, *p.row_selection(action))
 
 
 def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
@@ -97,8 +97,7 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     (L2) and diagonal elements clipped."""
     p = _packed(fragments, packing)
     ws = [f.w for f in fragments]
-    projecting = lambda c: c.action == "project" and c.radius is not None  # noqa: E731
-    is_l2, l1, sq = _row_kinds(p, projecting)
+    is_l2, l1, sq = _row_kinds(p, "project")
     parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
     totals, averaged = reduce(torch.cat(parts) if parts else torch.zeros(0, device=p.device), p.running_vars())
     p.write_running_vars(averaged)  # the BatchNorm clip below reads the averaged variances
@@ -171,7 +170,7 @@ def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_r
     p = _packed(fragments, packing)
     ws, gs = [f.w for f in fragments], [f.grad for f in fragments]
     penalised = lambda c: c.action == "penalty" and c.weight != 0  # noqa: E731
-    is_l2, l1, sq = _row_kinds(p, penalised)
+    is_l2, l1, sq = _row_kinds(p, "penalty")
     parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
     diag_w = torch.tensor([p.cons[k].weight if penalised(p.cons[k]) else 0.0 for k in p.diag_cons],
                           device=p.device)

@@ -32,6 +32,9 @@ from mars_dist.constraints.kernels import compile_wanted
 CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 scratch per chunk
 
 
+_RADIUS = operator.attrgetter("radius")
+
+
 def _radius(c) -> float:
     return c.radius if c.action == "project" and c.radius is not None else math.inf
 
@@ -339,15 +342,34 @@ class Packed:
 
     def _radii(self, cons: list[int], index: torch.Tensor) -> torch.Tensor:
         # read at every call: radii may change during training (a caller's schedule, learned radii); the tensor is
-        # rebuilt only when a value changed (a Python list compare, not a tensor per call)
-        r = [_radius(self.cons[k]) for k in cons]
+        # rebuilt only when one changed (one C-level pass and a list compare per call; a constraint's action is
+        # fixed when it is selected: the hook registers its pre / post step hooks from it)
         cache = self.__dict__.setdefault("_radii_cache", {})
         key = (id(cons), id(index))
         hit = cache.get(key)
-        if hit is None or hit[0] != r:
+        objs = hit[0] if hit is not None else [self.cons[k] for k in cons]
+        radii = list(map(_RADIUS, objs))
+        if hit is None or hit[1] != radii:
+            r = [_radius(c) for c in objs]
             t = torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
-            hit = cache[key] = (r, t)
-        return hit[1]
+            hit = cache[key] = (objs, radii, t)
+        return hit[2]
+
+    def row_selection(self, action: str) -> tuple[bool, bool]:
+        """Whether any row constraint with this action and a radius (project) / non-zero weight (penalty) set is
+        MARS, and whether any is L2. Cached for projections while no radius is None (the common case)."""
+        objs = [self.cons[k] for k in self.row_cons] if getattr(self, "_row_objs", None) is None else self._row_objs
+        self._row_objs = objs
+        cache = self.__dict__.setdefault("_selection", {})
+        fixed = action == "project" and None not in map(_RADIUS, objs)
+        if fixed and action in cache:
+            return cache[action]
+        on = [c.action == action and (c.radius is not None if action == "project" else c.weight != 0) for c in objs]
+        l2 = [c.norm == "l2" for c in objs]
+        hit = (any(o and not x for o, x in zip(on, l2)), any(o and x for o, x in zip(on, l2)))
+        if fixed:
+            cache[action] = hit
+        return hit
 
     def row_radius(self) -> torch.Tensor:
         """Per global row: the radius of a projected row constraint, inf otherwise."""
