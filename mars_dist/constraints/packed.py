@@ -3,8 +3,9 @@
 A rank holds fragments (flat fp32 views) of many parameters. Looping over them costs per tensor — Python, and on a
 GPU a kernel launch — so the layout sorts every fragment once into:
 - row blocks: runs of whole rows, bucketed by row length L and packed into chunks of at most `chunk_elems`
-  elements. Per update a chunk is ONE (rows, L) matrix: `cat` of the blocks' views, minus the chunk's anchor matrix
-  (anchors are stored here, already in that order), one row reduction. Writes go back with one `_foreach_` call.
+  elements, in memory order, with the chunk's anchor matrix stored here in the same order. Per update a chunk is
+  visited in segments (constraints/segments.py): runs of blocks adjacent in one flat buffer as (rows, L) views of
+  the master itself, small blocks gathered into a cached scratch; two one-pass kernels each (constraints/kernels.py).
 - pieces: the partial rows where a sharded optimizer cut a row (at most two per fragment), summed with one
   `segment_reduce`;
 - diagonal elements (BatchNorm effective scales, LayerNorm, embeddings), clipped elementwise on one concatenation.
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mars_dist.constraints import segments as seg
 from mars_dist.constraints.fragments import row_segments
 from mars_dist.constraints.kernels import compile_wanted
+from mars_dist.constraints.segments import BoundViews
 
 CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 scratch per chunk
 
@@ -63,7 +64,7 @@ class _Chunk:
     base: int = 0                        # first row of this chunk in `Packed.block_rows`
 
 
-class Packed:
+class Packed(BoundViews):
     """Layout of a list of fragments (one per constraint and rank; the same constraint may appear more than once
     only when the caller simulates several ranks). `fragments[i].anchor` is read once here and stored packed."""
 
@@ -223,74 +224,7 @@ class Packed:
                 fn(flat, diag_store[at:at + n])
             at += n
 
-    # ---- per-update building blocks ------------------------------------------------------------------------
-    def bind(self, tensors: list[torch.Tensor]) -> None:
-        """Fix the tensors (one flat fp32 view per fragment) that the next chunk_views / segments calls use. Views
-        are cached while the fragments are the same memory: building thousands of views per update costs more than
-        the arithmetic on small models. The same tensor objects as last time are the same memory (fragments are
-        views; nothing here re-points a view with `set_`); otherwise an equal data_ptr is (a cached view keeps its
-        storage alive)."""
-        last = getattr(self, "_bound", None)
-        if last is not None and len(last) == len(tensors) and all(map(operator.is_, last, tensors)):
-            return
-        key = tuple(map(torch.Tensor.data_ptr, tensors))
-        cache = self.__dict__.setdefault("_views", {})
-        if cache.get("key") != key:
-            cache.clear()
-            cache["key"] = key
-        self._bound = tuple(tensors)
-
-    def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """(rows, L) views of the chunk's blocks: of `tensors` (not cached), or of the bound fragments."""
-        if tensors is not None:
-            return [tensors[i][s:s + rows * ch.length].view(rows, ch.length) for i, s, rows in ch.blocks]
-        cache = self._views
-        views = cache.get(id(ch))
-        if views is None:
-            views = cache[id(ch)] = self.chunk_views(ch, self._bound)
-        return views
-
-    def segments(self, ch: _Chunk) -> list[seg.Segment]:
-        """The chunk's segments over the bound fragments: in-place runs and gathered batches (cached with the
-        views)."""
-        key = ("segments", id(ch))
-        hit = self._views.get(key)
-        if hit is None:
-            hit = self._views[key] = seg.plan(self.chunk_views(ch), ch.length)
-        return hit
-
-    def all_segments(self) -> tuple[list[tuple[_Chunk, seg.Segment]], torch.Tensor]:
-        """Every (chunk, segment) in `block_rows` order, and the segments' row counts (cached with the views)."""
-        hit = self._views.get("all")
-        if hit is None:
-            pairs = [(ch, sg) for ch in self.chunks for sg in self.segments(ch)]
-            lengths = torch.tensor([sg.stop - sg.start for _, sg in pairs], dtype=torch.long, device=self.device)
-            hit = self._views["all"] = (pairs, lengths)
-        return hit
-
-    def gather_scratch(self, numel: int) -> torch.Tensor:
-        """At least `numel` elements of scratch for gathered segments (normally GATHER_ELEMS: stays in cache; more
-        only for a large block that cannot be visited in place, e.g. not fp32)."""
-        if getattr(self, "_gather", None) is None or self._gather.numel() < numel:
-            self._gather = torch.empty(max(numel, seg.GATHER_ELEMS), device=self.device)
-        return self._gather
-
-    def scratch_blocks(self, ch: _Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The chunk's (rows, L) matrix in the shared scratch, and its split into the blocks (cached)."""
-        scratch = self.scratch()
-        cache = self.__dict__.setdefault("_scratch_views", {})
-        hit = cache.get(id(ch))
-        if hit is None or hit[0].data_ptr() != scratch.data_ptr():
-            m = scratch[:ch.anchor.numel()].view_as(ch.anchor)
-            hit = cache[id(ch)] = (m, list(m.split([b[2] for b in ch.blocks])))
-        return hit
-
-    def chunk_deviation(self, ch: _Chunk) -> torch.Tensor:
-        """D = W - W0 of the chunk (bound fragments) as a (rows, L) matrix in the scratch."""
-        out, _ = self.scratch_blocks(ch)
-        torch.cat(self.chunk_views(ch), out=out)
-        return out.sub_(ch.anchor)
-
+    # ---- per-update building blocks (views, segments, scratch: segments.BoundViews) --------------------------
     def piece_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tensors[i][s:e] for i, s, e in self.pieces]
 
@@ -321,12 +255,6 @@ class Packed:
                 parts.append(self._diag_ones[:n])
         denom = torch.cat(parts).add_(self._diag_eps).sqrt_()
         return w, w / denom, denom
-
-    def scratch(self) -> torch.Tensor:
-        size = max((ch.anchor.numel() for ch in self.chunks), default=0)
-        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
-            self._scratch = torch.empty(size, device=self.device)
-        return self._scratch
 
     def running_vars(self) -> torch.Tensor:
         if not (self.average_running_vars and self.bn_vars):
