@@ -16,8 +16,8 @@ import torch
 from mars_dist.constraints.fragments import radial_scales
 from mars_dist.constraints.kernels import rescale_, row_l1
 from mars_dist.constraints.packed import Packed
-from mars_dist.constraints.segments import gathered
 from mars_dist.constraints.rules import Constraint
+from mars_dist.constraints.segments import gathered
 
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """reduce(to_sum, to_average) -> (summed over ranks, averaged over ranks); both float32 1-D. A backend does this
@@ -60,7 +60,7 @@ def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list
     """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq).
 
     The projection's case (l1 only) reads each row once with the fused kernel, where the row lies when it can
-    (constraints/segments.py); telemetry and penalties (several sums) compute D once per segment in a scratch."""
+    (constraints/segments.py); telemetry and penalties (several sums) compute D = W - W0 once per segment."""
     out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
     p.bind(ws)
     vals = [torch.empty(p.block_rows.numel(), device=p.device) for _ in out]  # in block_rows order
