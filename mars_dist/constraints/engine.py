@@ -105,9 +105,11 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     with torch.no_grad():
         if l1 or sq:
             scale = torch.ones(p.num_rows, device=p.device)
-            if l1:  # MARS: one scale per row
-                scale = torch.where(is_l2, scale, radial_scales(totals[:p.num_rows], p.row_radius()))
-                clipped += int(((scale < 1) & ~is_l2).sum())
+            if l1:  # MARS: one scale per row. Without a projected L2 constraint (not sq) every L2 row has radius
+                # inf, so its scale is 1 already and the masks are not needed (they cost per row, every update)
+                mars = radial_scales(totals[:p.num_rows], p.row_radius())
+                scale = torch.where(is_l2, scale, mars) if sq else mars
+                clipped += int(((scale < 1) & ~is_l2).sum()) if sq else int((scale < 1).sum())
             if sq:  # L2: one scale per tensor, from the sum of its rows' squares
                 con_sq = torch.zeros(len(p.row_cons), device=p.device).index_add_(0, p.row_con, totals[-p.num_rows:])
                 con_scale = radial_scales(con_sq.sqrt(), p.row_constraint_radius())
