@@ -54,7 +54,7 @@ def predict(p: int, r: int, t: int, n: int, bytes_per_elem: float) -> dict:
 
 def main() -> None:
     engine = json.loads((ROOT / "bench/results/engine_cpu.json").read_text())
-    vitb = engine["models"]["vit_base_patch16_224"]
+    vitb = engine["layouts"]["zero3"]["vit_base_patch16_224"]  # the sharded backends' layout
     bytes_per_elem = 20 / vitb["packed_floor_share"]  # measured: what the packed engine moves per element
     out = {"assumptions": __doc__, "bytes_per_constrained_element": bytes_per_elem, "models": {}}
     for label, arch in MODELS.items():

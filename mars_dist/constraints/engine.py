@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from mars_dist.constraints.fragments import radial_scales
+from mars_dist.constraints.kernels import rescale_, row_l1
 from mars_dist.constraints.packed import Packed
 from mars_dist.constraints.rules import Constraint
+from mars_dist.constraints.segments import gathered
 
 Reduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """reduce(to_sum, to_average) -> (summed over ranks, averaged over ranks); both float32 1-D. A backend does this
@@ -46,32 +48,41 @@ def _packed(fragments: Sequence[Fragment], packing: Packed | None) -> Packed:
     return packing
 
 
-def _row_kinds(p: Packed, want) -> tuple[torch.Tensor, bool, bool]:
-    """Per global row: is its constraint L2? And whether any selected row constraint is MARS / L2."""
-    cons = [p.cons[k] for k in p.row_cons]
-    chosen = [want(c) for c in cons]
-    is_l2 = p.row_constraint_is_l2()[p.row_con]
-    return (is_l2, any(ch and c.norm != "l2" for c, ch in zip(cons, chosen)),
-            any(ch and c.norm == "l2" for c, ch in zip(cons, chosen)))
+def _row_kinds(p: Packed, action: str) -> tuple[torch.Tensor, bool, bool]:
+    """Per global row: is its constraint L2? And whether any row constraint with this action (and a radius /
+    weight) is MARS / L2."""
+    if getattr(p, "_is_l2_rows", None) is None:
+        p._is_l2_rows = p.row_constraint_is_l2()[p.row_con]
+    return (p._is_l2_rows, *p.row_selection(action))
 
 
 def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
-    """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq)."""
+    """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq).
+
+    The projection's case (l1 only) reads each row once with the fused kernel, where the row lies when it can
+    (constraints/segments.py); telemetry and penalties (several sums) compute D = W - W0 once per segment."""
     out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
     p.bind(ws)
-    for ch in p.chunks:
-        m, _ = p.scratch_blocks(ch)
-        torch.cat(p.chunk_views(ch), out=m)
-        # abs_ in place + sum(1): ~2e-7 relative error and fast on short rows (vector_norm(ord=1) is 1e-6 and slow)
-        vals = [m.abs().sum(1)] if of_w else []
-        m.sub_(ch.anchor)
-        sq_vals = torch.linalg.vector_norm(m, 2, dim=1).square() if sq else None
-        if l1:
-            vals.append(m.abs_().sum(1))
+    vals = [torch.empty(p.block_rows.numel(), device=p.device) for _ in out]  # in block_rows order
+    for ch, sg in p.all_segments()[0]:
+        w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
+        a = ch.anchor[sg.start:sg.stop]
+        rows = slice(ch.base + sg.start, ch.base + sg.stop)
+        if l1 and not (sq or of_w):
+            vals[0][rows] = row_l1(w, a, p.compiled)
+            continue
+        got = [w.abs().sum(1)] if of_w else []
+        d = w - a
         if sq:
-            vals.append(sq_vals)
-        for o, v in zip(out, vals):
-            o.index_add_(0, ch.rows, v)
+            sq_vals = torch.linalg.vector_norm(d, 2, dim=1).square()
+        if l1:
+            got.append(d.abs_().sum(1))
+        if sq:
+            got.append(sq_vals)
+        for v, g in zip(vals, got):
+            v[rows] = g
+    for o, v in zip(out, vals):
+        o.index_add_(0, p.block_rows, v)
     if p.pieces:
         raw = torch.cat(p.piece_views(ws))
         d = raw - p.piece_anchor
@@ -86,8 +97,7 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     (L2) and diagonal elements clipped."""
     p = _packed(fragments, packing)
     ws = [f.w for f in fragments]
-    projecting = lambda c: c.action == "project" and c.radius is not None  # noqa: E731
-    is_l2, l1, sq = _row_kinds(p, projecting)
+    is_l2, l1, sq = _row_kinds(p, "project")
     parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
     totals, averaged = reduce(torch.cat(parts) if parts else torch.zeros(0, device=p.device), p.running_vars())
     p.write_running_vars(averaged)  # the BatchNorm clip below reads the averaged variances
@@ -95,9 +105,11 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     with torch.no_grad():
         if l1 or sq:
             scale = torch.ones(p.num_rows, device=p.device)
-            if l1:  # MARS: one scale per row
-                scale = torch.where(is_l2, scale, radial_scales(totals[:p.num_rows], p.row_radius()))
-                clipped += int(((scale < 1) & ~is_l2).sum())
+            if l1:  # MARS: one scale per row. Without a projected L2 constraint (not sq) every L2 row has radius
+                # inf, so its scale is 1 already and the masks are not needed (they cost per row, every update)
+                mars = radial_scales(totals[:p.num_rows], p.row_radius())
+                scale = torch.where(is_l2, scale, mars) if sq else mars
+                clipped += int(((scale < 1) & ~is_l2).sum()) if sq else int((scale < 1).sum())
             if sq:  # L2: one scale per tensor, from the sum of its rows' squares
                 con_sq = torch.zeros(len(p.row_cons), device=p.device).index_add_(0, p.row_con, totals[-p.num_rows:])
                 con_scale = radial_scales(con_sq.sqrt(), p.row_constraint_radius())
@@ -110,16 +122,26 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
 
 
 def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
-    """W <- lerp(W0, W, s) per row, computed on the packed chunk and copied back with one foreach: torch's lerp
-    returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0) otherwise, where 1 - s is exact (Sterbenz), so the
-    row lands on its radius to rounding and a row with s = 1 is returned bit-exactly. (An in-place
-    `_foreach_lerp_(W, W0, 1 - s)` would read fewer bytes but rounds 1 - s: 1e-5 off the radius for s ~ 1e-2.)"""
+    """W <- lerp(W0, W, s) per row: in place where the rows lie (one pass: read W, W0, write W), or on a gathered
+    copy written back with one foreach. torch's lerp returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0)
+    otherwise, where 1 - s is exact (Sterbenz), so the row lands on its radius to rounding and a row with s = 1 is
+    returned bit-exactly. (An in-place `_foreach_lerp_(W, W0, 1 - s)` rounds 1 - s: 1e-5 off the radius for
+    s ~ 1e-2.) Segments without a clipped row are skipped (one host sync for all of them)."""
     p.bind(ws)
-    for ch in p.chunks:
-        views = p.chunk_views(ch)
-        m, blocks = p.scratch_blocks(ch)
-        torch.lerp(ch.anchor, torch.cat(views, out=m), scale[ch.rows].unsqueeze(1), out=m)
-        torch._foreach_copy_(views, blocks)
+    pairs, lengths = p.all_segments()
+    if pairs:
+        s_all = scale.index_select(0, p.block_rows).unsqueeze(1)
+        hit = torch.segment_reduce(s_all.view(-1), "min", lengths=lengths).lt(1).tolist()
+        for (ch, sg), h in zip(pairs, hit):
+            if not h:
+                continue
+            s, a = s_all[ch.base + sg.start:ch.base + sg.stop], ch.anchor[sg.start:sg.stop]
+            if sg.view is not None:
+                rescale_(sg.view, a, s)
+            else:
+                m = gathered(sg, p.gather_scratch, ch.length)
+                rescale_(m, a, s)
+                torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
     if p.pieces:
         lengths = p.piece_lengths.tolist()
         views = p.piece_views(ws)
@@ -150,7 +172,7 @@ def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_r
     p = _packed(fragments, packing)
     ws, gs = [f.w for f in fragments], [f.grad for f in fragments]
     penalised = lambda c: c.action == "penalty" and c.weight != 0  # noqa: E731
-    is_l2, l1, sq = _row_kinds(p, penalised)
+    is_l2, l1, sq = _row_kinds(p, "penalty")
     parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
     diag_w = torch.tensor([p.cons[k].weight if penalised(p.cons[k]) else 0.0 for k in p.diag_cons],
                           device=p.device)

@@ -90,6 +90,5 @@ RELATIVE_TOLERANCE = 1e-5
 def radial_scales(norms: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
     """min(1, radius / norm) per entry (`radius` a number or one per entry); exactly 1 where
     norm <= radius * (1 + RELATIVE_TOLERANCE)."""
-    ones = torch.ones_like(norms)
     over = norms > radius * (1 + RELATIVE_TOLERANCE)
-    return torch.where(over, radius / torch.where(over, norms, ones), ones)
+    return torch.where(over, radius / norms, 1.0)  # radius / 0 (inf) is never selected: over is False there

@@ -3,8 +3,9 @@
 A rank holds fragments (flat fp32 views) of many parameters. Looping over them costs per tensor — Python, and on a
 GPU a kernel launch — so the layout sorts every fragment once into:
 - row blocks: runs of whole rows, bucketed by row length L and packed into chunks of at most `chunk_elems`
-  elements. Per update a chunk is ONE (rows, L) matrix: `cat` of the blocks' views, minus the chunk's anchor matrix
-  (anchors are stored here, already in that order), one row reduction. Writes go back with one `_foreach_` call.
+  elements, in memory order, with the chunk's anchor matrix stored here in the same order. Per update a chunk is
+  visited in segments (constraints/segments.py): runs of blocks adjacent in one flat buffer as (rows, L) views of
+  the master itself, small blocks gathered into a cached scratch; two one-pass kernels each (constraints/kernels.py).
 - pieces: the partial rows where a sharded optimizer cut a row (at most two per fragment), summed with one
   `segment_reduce`;
 - diagonal elements (BatchNorm effective scales, LayerNorm, embeddings), clipped elementwise on one concatenation.
@@ -20,13 +21,19 @@ which returns W exactly when s = 1 (engine._rescale_rows).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from mars_dist.constraints.fragments import row_segments
+from mars_dist.constraints.kernels import compile_wanted
+from mars_dist.constraints.segments import BoundViews
 
 CHUNK_ELEMS = 1 << 22  # 16 MB of fp32 scratch per chunk
+
+
+_RADIUS = operator.attrgetter("radius")
 
 
 def _radius(c) -> float:
@@ -44,15 +51,20 @@ def _anchor_of(f) -> torch.Tensor:
     return torch.zeros_like(f.w)
 
 
+def _address(w: torch.Tensor, start: int) -> tuple[int, int]:
+    return w.untyped_storage().data_ptr(), w.storage_offset() + start
+
+
 @dataclass
 class _Chunk:
     length: int                          # row length L
     blocks: list[tuple[int, int, int]]   # (fragment, first element, rows)
     rows: torch.Tensor                   # global row index of each row (int64)
     anchor: torch.Tensor                 # (rows, L)
+    base: int = 0                        # first row of this chunk in `Packed.block_rows`
 
 
-class Packed:
+class Packed(BoundViews):
     """Layout of a list of fragments (one per constraint and rank; the same constraint may appear more than once
     only when the caller simulates several ranks). `fragments[i].anchor` is read once here and stored packed."""
 
@@ -71,6 +83,8 @@ class Packed:
         self.con_of = [con_index[id(f.constraint)] for f in fragments]
         self._layout_rows(fragments, chunk_elems)
         self._layout_diag(fragments)
+        self.compiled = compile_wanted(sum(ch.anchor.numel() for ch in self.chunks))
+        """Whether the row sums use the compiled one-pass kernel (constraints/kernels.py; decided once here)."""
 
     # ---- layout (once) ----------------------------------------------------------------------------------------
     def _layout_rows(self, fragments, chunk_elems: int) -> None:
@@ -101,6 +115,9 @@ class Packed:
                     piece_anchor.append(a[start:stop])
         self.chunks = []
         for length, items in sorted(blocks.items()):
+            # in memory order: blocks that are adjacent in one flat buffer (ZeRO, FSDP2) end up in one chunk, in
+            # order, so that they are visited in place as one matrix (constraints/segments.py)
+            items.sort(key=lambda it: _address(fragments[it[0]].w, it[1]))
             per = max(1, chunk_elems // length)
             cur, cur_rows, cur_anchor, filled = [], [], [], 0
             for i, start, rows, row0, a in items:
@@ -117,6 +134,12 @@ class Packed:
                         cur, cur_rows, cur_anchor, filled = [], [], [], 0
             if cur:
                 self._add_chunk(length, cur, cur_rows, cur_anchor)
+        at = 0
+        for ch in self.chunks:
+            ch.base, at = at, at + ch.rows.numel()
+        self.block_rows = torch.cat([ch.rows for ch in self.chunks]) if self.chunks else \
+            torch.zeros(0, dtype=torch.long, device=dev)
+        """The global row of every row of every chunk, chunk after chunk (each row once per rank)."""
         self.pieces = pieces
         self.piece_rows = torch.tensor(piece_rows, dtype=torch.long, device=dev)
         self.piece_lengths = torch.tensor([b - a for _, a, b in pieces], dtype=torch.long, device=dev)
@@ -201,45 +224,7 @@ class Packed:
                 fn(flat, diag_store[at:at + n])
             at += n
 
-    # ---- per-update building blocks ------------------------------------------------------------------------
-    def bind(self, tensors: list[torch.Tensor]) -> None:
-        """Fix the tensors (one flat fp32 view per fragment) that the next chunk_views calls use. Views are cached
-        while the fragments are the same memory: building thousands of views per update costs more than the
-        arithmetic on small models. (A cached view keeps its storage alive, so an equal data_ptr means the same
-        memory.)"""
-        key = tuple(t.data_ptr() for t in tensors)
-        cache = self.__dict__.setdefault("_views", {})
-        if cache.get("key") != key:
-            cache.clear()
-            cache["key"] = key
-        self._bound = tensors
-
-    def chunk_views(self, ch: _Chunk, tensors: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """(rows, L) views of the chunk's blocks: of `tensors` (not cached), or of the bound fragments."""
-        if tensors is not None:
-            return [tensors[i][s:s + rows * ch.length].view(rows, ch.length) for i, s, rows in ch.blocks]
-        cache = self._views
-        views = cache.get(id(ch))
-        if views is None:
-            views = cache[id(ch)] = self.chunk_views(ch, self._bound)
-        return views
-
-    def scratch_blocks(self, ch: _Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The chunk's (rows, L) matrix in the shared scratch, and its split into the blocks (cached)."""
-        scratch = self.scratch()
-        cache = self.__dict__.setdefault("_scratch_views", {})
-        hit = cache.get(id(ch))
-        if hit is None or hit[0].data_ptr() != scratch.data_ptr():
-            m = scratch[:ch.anchor.numel()].view_as(ch.anchor)
-            hit = cache[id(ch)] = (m, list(m.split([b[2] for b in ch.blocks])))
-        return hit
-
-    def chunk_deviation(self, ch: _Chunk) -> torch.Tensor:
-        """D = W - W0 of the chunk (bound fragments) as a (rows, L) matrix in the scratch."""
-        out, _ = self.scratch_blocks(ch)
-        torch.cat(self.chunk_views(ch), out=out)
-        return out.sub_(ch.anchor)
-
+    # ---- per-update building blocks (views, segments, scratch: segments.BoundViews) --------------------------
     def piece_views(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [tensors[i][s:e] for i, s, e in self.pieces]
 
@@ -255,21 +240,21 @@ class Packed:
             z = torch.zeros(0, device=self.device)
             return z, z, z
         w = torch.cat([ws[i] for i in self.diag])
-        parts = []
+        if getattr(self, "_diag_eps", None) is None:  # per element: the BN eps, 0 elsewhere (denominator 1)
+            self._diag_eps = torch.cat([torch.full((self.numels[i],), self.cons[self.con_of[i]].bn_eps
+                                                   if self.cons[self.con_of[i]].role == "bn" else 0.0)
+                                        for i in self.diag]).to(self.device)
+            self._diag_ones = torch.ones(max(self.numels[i] for i in self.diag), device=self.device)
+        parts = []  # the live running variances (they change during training), one cat and one sqrt for all
         for i in self.diag:
             c, n = self.cons[self.con_of[i]], self.numels[i]
             if c.role == "bn":
-                parts.append(c.bn_denominator(c.running_var, self.offsets[i], n).to(self.device))
+                parts.append(c.running_var.detach().reshape(-1)[self.offsets[i]:self.offsets[i] + n]
+                             .to(self.device, torch.float32))
             else:
-                parts.append(torch.ones(n, device=self.device))
-        denom = torch.cat(parts)
+                parts.append(self._diag_ones[:n])
+        denom = torch.cat(parts).add_(self._diag_eps).sqrt_()
         return w, w / denom, denom
-
-    def scratch(self) -> torch.Tensor:
-        size = max((ch.anchor.numel() for ch in self.chunks), default=0)
-        if getattr(self, "_scratch", None) is None or self._scratch.numel() < size:
-            self._scratch = torch.empty(size, device=self.device)
-        return self._scratch
 
     def running_vars(self) -> torch.Tensor:
         if not (self.average_running_vars and self.bn_vars):
@@ -284,9 +269,35 @@ class Packed:
                 v.copy_(mean.view_as(v).to(v.dtype))
 
     def _radii(self, cons: list[int], index: torch.Tensor) -> torch.Tensor:
-        # read at every call: radii may change during training (a caller's schedule, learned radii)
-        r = [_radius(self.cons[k]) for k in cons]
-        return torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
+        # read at every call: radii may change during training (a caller's schedule, learned radii); the tensor is
+        # rebuilt only when one changed (one C-level pass and a list compare per call; a constraint's action is
+        # fixed when it is selected: the hook registers its pre / post step hooks from it)
+        cache = self.__dict__.setdefault("_radii_cache", {})
+        key = (id(cons), id(index))
+        hit = cache.get(key)
+        objs = hit[0] if hit is not None else [self.cons[k] for k in cons]
+        radii = list(map(_RADIUS, objs))
+        if hit is None or hit[1] != radii:
+            r = [_radius(c) for c in objs]
+            t = torch.tensor(r, device=self.device)[index] if r else torch.zeros(0, device=self.device)
+            hit = cache[key] = (objs, radii, t)
+        return hit[2]
+
+    def row_selection(self, action: str) -> tuple[bool, bool]:
+        """Whether any row constraint with this action and a radius (project) / non-zero weight (penalty) set is
+        MARS, and whether any is L2. Cached for projections while no radius is None (the common case)."""
+        objs = [self.cons[k] for k in self.row_cons] if getattr(self, "_row_objs", None) is None else self._row_objs
+        self._row_objs = objs
+        cache = self.__dict__.setdefault("_selection", {})
+        fixed = action == "project" and None not in map(_RADIUS, objs)
+        if fixed and action in cache:
+            return cache[action]
+        on = [c.action == action and (c.radius is not None if action == "project" else c.weight != 0) for c in objs]
+        l2 = [c.norm == "l2" for c in objs]
+        hit = (any(o and not x for o, x in zip(on, l2)), any(o and x for o, x in zip(on, l2)))
+        if fixed:
+            cache[action] = hit
+        return hit
 
     def row_radius(self) -> torch.Tensor:
         """Per global row: the radius of a projected row constraint, inf otherwise."""
@@ -294,7 +305,10 @@ class Packed:
 
     def row_constraint_is_l2(self) -> torch.Tensor:
         """Per row constraint (in `row_cons` order): True where its norm is L2 (one scale per tensor)."""
-        return torch.tensor([self.cons[k].norm == "l2" for k in self.row_cons], dtype=torch.bool, device=self.device)
+        if getattr(self, "_is_l2", None) is None:  # a constraint's norm never changes
+            self._is_l2 = torch.tensor([self.cons[k].norm == "l2" for k in self.row_cons], dtype=torch.bool,
+                                       device=self.device)
+        return self._is_l2
 
     def row_constraint_radius(self) -> torch.Tensor:
         """Per row constraint (in `row_cons` order): its radius if projected, inf otherwise."""

@@ -42,9 +42,10 @@ class ProjectionHook:
         if not self.backend.begin_hook():
             return
         if self.learned is not None:
-            self.last_clipped = self.learned.project([f.w for f in self.backend.fragments()], self.backend.reduce)
+            ws = [f.w for f in self.backend.weight_fragments()]
+            self.last_clipped = self.learned.project(ws, self.backend.reduce)
         else:
-            self.last_clipped = project(self.backend.fragments(), self.backend.reduce, self.backend.packing)
+            self.last_clipped = project(self.backend.weight_fragments(), self.backend.reduce, self.backend.packing)
         self.updates += 1
 
     def _read_gradients(self, *_args, **_kwargs) -> None:
@@ -63,7 +64,7 @@ class ProjectionHook:
         """Per-layer distance / radius / layer norm (one reduce; call on logging steps, on every rank)."""
         if self.learned is not None:
             self.learned.sync_radii()  # the learned radii into the constraints, where measure reads them
-        return measure(self.backend.fragments(), self.backend.reduce, self.backend.packing)
+        return measure(self.backend.weight_fragments(), self.backend.reduce, self.backend.packing)
 
     def remove(self) -> None:
         for h in self._handles:

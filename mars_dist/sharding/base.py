@@ -52,6 +52,10 @@ class Backend:
         """Fragments (with grads where they exist) valid inside the optimizer step hooks."""
         raise NotImplementedError
 
+    def weight_fragments(self) -> list[Fragment]:
+        """The fragments without grads (what a projection and telemetry read); a backend may cache them."""
+        return self.fragments()
+
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """ONE collective: sum `to_sum`, average `to_average` over ranks."""
         raise NotImplementedError

@@ -222,6 +222,15 @@ class ZeroBackend(Backend):
             out.append(Fragment(c, flat.detach().narrow(0, s.start, s.numel), None, s.offset, grad))
         return out
 
+    def weight_fragments(self) -> list[Fragment]:
+        """fragments() without grads, cached while the flat tensors are the same memory (building thousands of
+        views per update costs more than projecting them; the grads are new tensors at every step)."""
+        key = tuple(f.data_ptr() for f in self.flats())
+        if key != getattr(self, "_weights_key", None):
+            self._weights_key = key
+            self._weights = [Fragment(f.constraint, f.w, None, f.offset) for f in self.fragments()]
+        return self._weights
+
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # the collective runs on the engine's device (NCCL refuses CPU tensors, and offloaded masters are on the
         # CPU); results go back to where the partial sums were computed
