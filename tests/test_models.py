@@ -15,8 +15,8 @@ from torch import nn
 from torchvision import transforms as T
 
 from mars_dist.models.export import export_model
-from mars_dist.models.factory import (HFClassifier, build_model, bundled_lite0_state_dict, classifier_module_names,
-                                      resolve_data_config)
+from mars_dist.models.factory import HFClassifier, build_model, classifier_module_names, resolve_data_config
+from mars_dist.models.weights import bundled_lite0_state_dict
 
 # foolbox's wheel ships labelled photos; found without importing foolbox (slow, and it warns)
 _FOOLBOX_DATA = Path(importlib.util.find_spec("foolbox").submodule_search_locations[0]) / "data"

@@ -50,7 +50,7 @@ def _class_folders(root: Path, on_bad_image: str):
     """ROOT/<class>/**/<image>: every image, labelled by its class folder (sorted names, as datasets does)."""
     import datasets
 
-    from mars_dist.data.splits import _checker
+    from mars_dist.data.splits import image_checker
     from mars_dist.commands.predict import collect_images
 
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -60,7 +60,7 @@ def _class_folders(root: Path, on_bad_image: str):
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
     ds = datasets.Dataset.from_dict({"image": [f for f, _ in files], "label": [c for _, c in files]}, features=feats)
     skipped: list[str] = []
-    usable = _checker(ds.cast_column("image", datasets.Image(decode=False)), "eval", on_bad_image, skipped)
+    usable = image_checker(ds.cast_column("image", datasets.Image(decode=False)), "eval", on_bad_image, skipped)
     return ds.select([i for i in range(len(ds)) if usable(i)]), names, skipped
 
 

@@ -56,7 +56,7 @@ def _row_kinds(p: Packed, action: str) -> tuple[torch.Tensor, bool, bool]:
     return (p._is_l2_rows, *p.row_selection(action))
 
 
-def _row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
+def row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[torch.Tensor]:
     """Per global row partial sums over this rank's fragments: [|W| (of_w)], [|D|] (l1), [D^2] (sq).
 
     The projection's case (l1 only) reads each row once with the fused kernel, where the row lies when it can
@@ -98,7 +98,7 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
     p = _packed(fragments, packing)
     ws = [f.w for f in fragments]
     is_l2, l1, sq = _row_kinds(p, "project")
-    parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
+    parts = row_partials(p, ws, l1, sq) if (l1 or sq) else []
     totals, averaged = reduce(torch.cat(parts) if parts else torch.zeros(0, device=p.device), p.running_vars())
     p.write_running_vars(averaged)  # the BatchNorm clip below reads the averaged variances
     clipped = 0
@@ -116,12 +116,12 @@ def project(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce, pac
                 scale = torch.where(is_l2, con_scale[p.row_con], scale)
                 clipped += int(((con_scale < 1) & p.row_constraint_is_l2()).sum())
             if clipped:
-                _rescale_rows(p, ws, scale)
-        clipped += _clip_diag(p, ws)
+                rescale_rows(p, ws, scale)
+        clipped += clip_diag(p, ws)
     return clipped
 
 
-def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
+def rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
     """W <- lerp(W0, W, s) per row: in place where the rows lie (one pass: read W, W0, write W), or on a gathered
     copy written back with one foreach. torch's lerp returns W0 + s (W - W0) for s < 0.5 and W - (1 - s)(W - W0)
     otherwise, where 1 - s is exact (Sterbenz), so the row lands on its radius to rounding and a row with s = 1 is
@@ -149,7 +149,7 @@ def _rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
         torch._foreach_copy_(views, list(new.split(lengths)))
 
 
-def _clip_diag(p: Packed, ws, radius: torch.Tensor | None = None) -> int:
+def clip_diag(p: Packed, ws, radius: torch.Tensor | None = None) -> int:
     """Diagonal layers: each element (BatchNorm: its effective scale) clipped to within radius of its anchor
     (`radius` per local diagonal element; default: the constraints' fixed radii)."""
     radius = p.diag_radius() if radius is None else radius
@@ -173,7 +173,7 @@ def add_penalty_grads(fragments: Sequence[Fragment], reduce: Reduce = identity_r
     ws, gs = [f.w for f in fragments], [f.grad for f in fragments]
     penalised = lambda c: c.action == "penalty" and c.weight != 0  # noqa: E731
     is_l2, l1, sq = _row_kinds(p, "penalty")
-    parts = _row_partials(p, ws, l1, sq) if (l1 or sq) else []
+    parts = row_partials(p, ws, l1, sq) if (l1 or sq) else []
     diag_w = torch.tensor([p.cons[k].weight if penalised(p.cons[k]) else 0.0 for k in p.diag_cons],
                           device=p.device)
     diag_l2 = torch.tensor([p.cons[k].norm == "l2" for k in p.diag_cons], dtype=torch.bool, device=p.device)
@@ -267,7 +267,7 @@ def measure(fragments: Sequence[Fragment], reduce: Reduce = identity_reduce,
     """Per-fragment distance, layer norm and fraction of rows at the bound (one reduce for all)."""
     p = _packed(fragments, packing)
     ws = [f.w for f in fragments]
-    parts = _row_partials(p, ws, True, True, of_w=True)  # |W|, |D|, D^2 per global row
+    parts = row_partials(p, ws, True, True, of_w=True)  # |W|, |D|, D^2 per global row
     if p.diag:
         _, d, _ = p.diag_values(ws)
         dev = d - p.diag_anchor

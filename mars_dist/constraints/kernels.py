@@ -6,7 +6,7 @@
   (rows, L) — no recompilation per chunk, per update, or for sizes 0 and 1.
 - `rescale_(w, w0, s)`: w <- lerp(w0, w, s[row]) in place: reads W and W0 and writes W once (12 bytes). Eager already
   does this in one pass (`out=` aliasing the input is allowed for elementwise ops), so it is never compiled. torch's
-  lerp returns w bit-exactly where s = 1 and computes 1 - s exactly where s >= 0.5 (engine._rescale_rows).
+  lerp returns w bit-exactly where s = 1 and computes 1 - s exactly where s >= 0.5 (engine.rescale_rows).
 
 When to compile (`MARS_DIST_COMPILE`): `1` always, `0` never, `auto` (the default) when one rank's constrained
 fragments hold at least AUTO_MIN_ELEMENTS: compiling costs ~2 s per process with inductor's on-disk cache warm and

@@ -31,7 +31,7 @@ import math
 import torch
 
 from mars_dist.config import FtpConfig  # a plain dataclass (no torch, no processes)
-from mars_dist.constraints.engine import _clip_diag, _rescale_rows, _row_partials
+from mars_dist.constraints.engine import clip_diag, rescale_rows, row_partials
 from mars_dist.constraints.fragments import radial_scales
 from mars_dist.constraints.packed import Packed
 
@@ -108,7 +108,7 @@ class LearnedRadii:
         """Row norms of c = W~ - W0 and the accumulated dot products in ONE reduce; update gamma; store c/n as the
         next direction; project onto gamma. Returns the rows (and diagonal elements) clipped."""
         p = self.p
-        row_part = _row_partials(p, ws, True, False)[0]
+        row_part = row_partials(p, ws, True, False)[0]
         _, d, _ = p.diag_values(ws)
         diag_abs = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, (d - p.diag_anchor).abs())
         totals, averaged = reduce(torch.cat([row_part, diag_abs, self._dot]), p.running_vars())
@@ -124,12 +124,12 @@ class LearnedRadii:
         self._store_direction_rows(ws, inv_n)
         clipped = int((scale < 1).sum())
         if clipped:
-            _rescale_rows(p, ws, scale)
+            rescale_rows(p, ws, scale)
         if p.diag:
             _, d, _ = p.diag_values(ws)  # with the BatchNorm variances the reduce may have averaged
             dev_d = d - p.diag_anchor
             self.dir_diag.copy_(dev_d / (dev_d.abs() + NORM_EPS))
-            clipped += _clip_diag(p, ws, radius[self.diag_k])
+            clipped += clip_diag(p, ws, radius[self.diag_k])
         return clipped
 
     def _update_gamma(self, row_l1: torch.Tensor, diag_l1: torch.Tensor, dot: torch.Tensor) -> None:
@@ -160,7 +160,7 @@ class LearnedRadii:
         1e-8, gamma_prev): exact in exact arithmetic for clipped and free rows alike; in float32 it is as good as
         W - W0 resolves the displacement (not at all for a radius at its 1e-8 floor). One extra reduce, once."""
         p = self.p
-        row_part = _row_partials(p, ws, True, False)[0]
+        row_part = row_partials(p, ws, True, False)[0]
         totals, _ = reduce(row_part, torch.zeros(0, device=p.device))
         radius = self.gamma.float()
         self._store_direction_rows(ws, 1.0 / torch.minimum(totals + NORM_EPS, radius[self.row_k]))

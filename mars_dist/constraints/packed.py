@@ -15,7 +15,7 @@ ops per update depends on the number of chunks and row lengths, not on the numbe
 
 Row sums are float32 (in-place abs + row sum: ~2e-7 relative error); the bound is checked to the relative tolerance
 the tests use (5e-5) on every backend. Rows inside their ball are bit-exact no-ops: the rescale is `lerp(W0, W, s)`,
-which returns W exactly when s = 1 (engine._rescale_rows).
+which returns W exactly when s = 1 (engine.rescale_rows).
 """
 
 from __future__ import annotations

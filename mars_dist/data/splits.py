@@ -117,7 +117,7 @@ def _sample(train_labels, val_labels, test_labels, train_per_class, val_per_clas
 
 
 # ---------------------------------------------------------------- decodability
-def _checker(raw: datasets.Dataset | None, split: str, on_bad_image: str, skipped: list[str]) -> Callable[[int], bool]:
+def image_checker(raw: datasets.Dataset | None, split: str, on_bad_image: str, skipped: list[str]) -> Callable[[int], bool]:
     """usable(i): opens and fully decodes image i once; a bad one raises ('fail') or is recorded ('skip')."""
     if on_bad_image not in ("fail", "skip"):
         raise ValueError(f"on_bad_image must be 'fail' or 'skip', not {on_bad_image!r}")
@@ -275,13 +275,13 @@ def build_splits(name: str, path: str | None, train_per_class: int | None, val_p
     dd, class_names = _standardise(dd, name)
     train, val, test = _split_roles(dd, name)
     raw = {s: d.cast_column("image", datasets.Image(decode=False)) for s, d in (("train", train), ("test", test))}
-    usable = {s: _checker(raw[s], s, on_bad_image, skipped) for s in raw}
+    usable = {s: image_checker(raw[s], s, on_bad_image, skipped) for s in raw}
     labels = lambda d: np.asarray(d["label"])  # noqa: E731
     tr, va, te = _sample(labels(train), None if val is None else labels(val), labels(test), train_per_class,
                          val_per_class, val_fraction, test_limit, seed, usable)
     if va is None:
         raw_val = val.cast_column("image", datasets.Image(decode=False))
-        check = _checker(raw_val, "val", on_bad_image, skipped)
+        check = image_checker(raw_val, "val", on_bad_image, skipped)
         va, val_src = [i for i in range(len(val)) if check(i)], val
     else:
         val_src = train

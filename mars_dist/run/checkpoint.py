@@ -122,13 +122,13 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             shutil.rmtree(tmp, ignore_errors=True)
         except OSError as err:
             error = _why(err, root)
-    error = _agree(accelerator, error)
+    error = agree_across_ranks(accelerator, error)
     if not error:
         try:
             accelerator.save_state(str(tmp))
         except Exception as err:  # OSError, or a writer's own (safetensors raises SafetensorError on ENOSPC)
             error = _why(err, tmp)
-        error = _agree(accelerator, error)
+        error = agree_across_ranks(accelerator, error)
     if not error and accelerator.is_main_process:
         try:
             (tmp / STATE).write_text(json.dumps(state, indent=1))
@@ -138,7 +138,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
             tmp.rename(final)
         except Exception as err:  # OSError, or a writer's own (safetensors raises SafetensorError on ENOSPC)
             error = _why(err, tmp)
-    error = _agree(accelerator, error)
+    error = agree_across_ranks(accelerator, error)
     if error:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # frees the space; the older checkpoints are untouched
@@ -166,7 +166,7 @@ def _why(err: Exception, where: Path) -> str:
     return text
 
 
-def _agree(accelerator, error: str) -> str:
+def agree_across_ranks(accelerator, error: str) -> str:
     """Every rank learns whether any rank failed (so none waits forever in a barrier the failed one never
     reaches); the message is the local one, or a pointer to the rank that has it."""
     import torch

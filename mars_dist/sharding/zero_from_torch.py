@@ -94,7 +94,7 @@ def load_state(accelerator, engine, ckpt: Path) -> None:
     and this run is DeepSpeed (whose config has `load_universal`: zero_universal.enable before prepare)."""
     from safetensors.torch import load_file
 
-    from mars_dist.run.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, agree_across_ranks
 
     template, work = ckpt.parent / f".zero_template_{ckpt.name}", ckpt.parent / f".zero_{ckpt.name}"
     if accelerator.is_main_process:
@@ -116,7 +116,7 @@ def load_state(accelerator, engine, ckpt: Path) -> None:
             write_universal(ckpt, work / MODEL_DIR, names)
     except Exception as err:  # DeepSpeed's own errors, a shape that does not match: name the checkpoint
         error = f"{type(err).__name__}: {err}"[:800]
-    error = _agree(accelerator, error)
+    error = agree_across_ranks(accelerator, error)
     try:
         if error:
             raise CheckpointError(f"resume: could not convert checkpoint {ckpt} for DeepSpeed: {error}")

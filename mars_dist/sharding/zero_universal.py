@@ -94,7 +94,7 @@ def restore_buffers(engine, universal_dir: Path) -> None:
 def load_state(accelerator, engine, ckpt: Path) -> None:
     """Every rank calls this instead of `accelerator.load_state(ckpt)`. Conversion errors stop every rank with one
     line naming the checkpoint."""
-    from mars_dist.run.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, agree_across_ranks
 
     work = ckpt.parent / f".universal_{ckpt.name}"
     error = ""
@@ -104,7 +104,7 @@ def load_state(accelerator, engine, ckpt: Path) -> None:
             convert(ckpt, work)
         except Exception as err:  # DeepSpeed's own errors: name the checkpoint, keep the reason
             error = str(err)[:800]
-    error = _agree(accelerator, error)
+    error = agree_across_ranks(accelerator, error)
     if error:
         if accelerator.is_main_process:
             shutil.rmtree(work, ignore_errors=True)
@@ -180,7 +180,7 @@ def load_state_without_deepspeed(accelerator, model, optimizer, ckpt: Path) -> N
     """Every rank calls this instead of `accelerator.load_state(ckpt)` when `ckpt` was written by DeepSpeed and
     this run has no DeepSpeed: rank 0 converts it (DeepSpeed's universal checkpoint, then the torch form of that)
     into a sibling `.torch_step_N/`, every rank loads that, rank 0 removes it. `ckpt` itself is only read."""
-    from mars_dist.run.checkpoint import CheckpointError, _agree
+    from mars_dist.run.checkpoint import CheckpointError, agree_across_ranks
 
     work = ckpt.parent / f".torch_{ckpt.name}"
     error = ""
@@ -190,7 +190,7 @@ def load_state_without_deepspeed(accelerator, model, optimizer, ckpt: Path) -> N
             write_torch_state(work / MODEL_DIR, work, accelerator.unwrap_model(model), optimizer)
         except Exception as err:  # DeepSpeed's own errors, a missing tensor: name the checkpoint, keep the reason
             error = f"{type(err).__name__}: {err}"[:800]
-    error = _agree(accelerator, error)
+    error = agree_across_ranks(accelerator, error)
     try:
         if error:
             raise CheckpointError(f"resume: could not convert DeepSpeed checkpoint {ckpt} for a run without "
