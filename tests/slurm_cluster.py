@@ -7,7 +7,7 @@
         assert cluster.wait(job, timeout=60) == "COMPLETED"
 
 Skips the calling test (pytest.skip) when slurmctld/slurmd/munged are not installed (launch/install_slurm.sh).
-See /work/shared/docs/slurm-notes.md for why each slurm.conf setting is there.
+docs/launching.md, "The test cluster's slurm.conf", says why each slurm.conf setting is there.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One constrained parameter: what it is, its norm, radius or penalty weight, and how its anchor is read
-(reference semantics: docs/mars-reference). The math on this rank's fragments of ALL constrained parameters at once
-lives in constraints/packed.py (layout) and constraints/engine.py (projection, penalties, telemetry).
+(semantics: docs/constraints.md, 'Semantics'). The math on this rank's fragments of ALL constrained parameters at
+once lives in constraints/packed.py (layout) and constraints/engine.py (projection, penalties, telemetry).
 
 Kinds:
 - "rows":  a matrix (Linear, Conv: rows = output units = dim 0). MARS: per-row radial rescale of W - W0 so

@@ -3,7 +3,7 @@
 It hangs on the INNER torch optimizer (the object passed to accelerate / DeepSpeed) because that object's step
 hooks fire exactly once per real update — not per micro-batch, not on skipped (overflow) steps — after the fp32
 update and before DeepSpeed copies fp32 -> low precision. Projecting there means the weights forward uses are
-already inside the ball; no extra synchronisation is needed (docs/distributed-notes: "Where to hook").
+already inside the ball; no extra synchronisation is needed (docs/sharding.md, "Where the hook sits, and why").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO-1/2/3: project this rank's fragments of the fp32 masters inside the inner optimizer step.
 
-Where the fp32 master of a parameter lives (docs/distributed-notes.md):
+Where the fp32 master of a parameter lives (docs/sharding.md, 'DeepSpeed and FSDP2 internals we rely on'):
 - ZeRO-3: `safe_get_local_fp32_param(p)`, a view into the flat fp32 buffer of p's sub-group. Rank r holds
   flatten(p)[r*P : r*P+P] with P = ceil(numel / world); the tail beyond numel is padding and is masked off.
 - ZeRO-1/2 (and DeepSpeed's BF16_Optimizer for ZeRO-1 + bf16): `p._hp_mapping.hp_fragment`, a view into the flat

@@ -9,7 +9,7 @@ not fit whole). Two traps this module exists for:
   path keeps them fp32 (DeepSpeed casts parameters only), so they are put back to fp32 before anything is loaded.
 Pretrained weights go into the partitions one module at a time: at most one module is ever whole, and only while the
 model is built. Later edits (the seeded fresh head) go through `GatheredParameters` with modifier rank 0 — only before
-the optimizer exists, where that edit reaches the fp32 master (docs/distributed-notes).
+the optimizer exists, where that edit reaches the fp32 master (docs/sharding.md, 'Traps').
 """
 
 from __future__ import annotations
