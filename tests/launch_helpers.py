@@ -71,8 +71,8 @@ def projection_was_active(run: Path) -> bool:
 
 def bound_ratios(run: Path, anchor_dtype: torch.dtype = torch.float32) -> dict[str, float]:
     """distance / radius of every projected layer of the export, over what fp32 rounding allows, against anchors
-    from the run's own pretrained weights (cast to `anchor_dtype` and back: a bf16 run's masters start from
-    bf16(pretrained)). BatchNorm effective scales use the exported running variance, the one the last projection
+    from the pretrained weights as loaded from their source (optionally cast to `anchor_dtype` and back, to show
+    what a run anchored on a rounded copy would give). BatchNorm effective scales use the exported running variance, the one the last projection
     saw. <= 1: the bound holds."""
     cfg = config.load(run / "config.yaml")
     export = export_weights(run)

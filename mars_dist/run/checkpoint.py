@@ -9,8 +9,8 @@ crash or a failed write (disk full, permission) leaves the previous checkpoint l
 `resume: auto` takes the newest checkpoint whose files match its manifest and says, in one line each, which newer
 ones it skipped and why (truncated, checksum mismatch, no manifest).
 
-Anchors are not stored: they are rebuilt at every start from the pretrained weights (deterministic, including
-the bf16 cast, and independent of the world size / sharding layout); the checkpoint records a checksum of them
+Anchors are not stored: they are rebuilt at every start from the pretrained weights (deterministic, the fp32
+values also under DeepSpeed bf16, and independent of the world size / sharding layout); the checkpoint records a checksum of them
 and a resume whose rebuilt anchors differ is refused.
 """
 

@@ -21,7 +21,7 @@ def test_within_radius_after_every_update(launches, stage, name):
 
 @pytest.mark.parametrize("stage,name", [c for s in STAGES for c in checks.cases(s)])
 def test_anchor_checksum_is_layout_free(launches, stage, name):
-    """Every rank reports the single-process checksum of the anchors (bf16: of bf16(pretrained))."""
+    """Every rank reports the single-process checksum of the anchors (bf16 too: the fp32 pretrained weights, written into the masters)."""
     checks.assert_checksum_layout_free(launches(stage), name)
 
 
@@ -52,7 +52,7 @@ def test_skipped_step_does_not_project(launches, stage):
 
 @pytest.mark.parametrize("stage,name,kind", [(2, "bf16_pgm", "stage12"), (3, "bf16_pgm", "stage3"),
                                              (1, "bf16_fp32acc", "bf16_optimizer")])
-def test_bf16_anchors_are_the_bf16_master(launches, stage, name, kind):
+def test_bf16_anchors_are_the_fp32_pretrained_weights(launches, stage, name, kind):
     for r in launches(stage).ranks(name):
         assert r["zero_kind"] == kind and r["anchor_vs_pretrained"] == 0.0
 
