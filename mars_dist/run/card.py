@@ -118,9 +118,9 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
 
     result: the trainer's result (test_accuracy, test_loss, test_images, val_accuracy, updates, chance, bound_C).
     stats: the final per-layer LayerStats. accelerator: for the launch facts (processes, DeepSpeed, precision).
-    certificate: the export's certificate (mars_dist.certify.CertifyReport), or None.
+    certificate: the export's certificate (mars_dist.commands.certify.CertifyReport), or None.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import ModelCard
 
     from mars_dist.models.export import META_FILE
     from mars_dist.run.tracking import plot_layer_ratios
@@ -132,31 +132,48 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
         import json
 
         class_names = json.loads((out / META_FILE).read_text()).get("class_names")
-    class_names = list(class_names or [])
     hf = (out / "preprocessor_config.json").is_file()
     library = "transformers" if hf else "timm"
-    hub_base, base_text = base_model(cfg)
-    data_id = dataset_id(cfg)
-    method = cfg.constraint.method
-    title = f"{Path(cfg.model.name).name} fine-tuned on {data_id} ({method})"
-    data = ModelCardData(
+    title = f"{Path(cfg.model.name).name} fine-tuned on {dataset_id(cfg)} ({cfg.constraint.method})"
+    run_dir = out.parent if (out.parent / "config.yaml").is_file() else None
+    facts = _facts(cfg, result, stats, accelerator, list(class_names or []), library, run_dir)
+    body = _body(title, library, hf, facts, stats, plot, certificate, cfg)
+    card = ModelCard(f"---\n{_card_data(cfg, result, library, title).to_yaml()}\n---\n{body}")
+    path = out / "README.md"
+    card.save(path)
+    return path
+
+
+def _card_data(cfg: Config, result: dict, library: str, title: str):
+    """The Hugging Face front matter: library, base model, data set, the test accuracy as an eval result."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    hub_base, _ = base_model(cfg)
+    data_id, method = dataset_id(cfg), cfg.constraint.method
+    return ModelCardData(
         library_name=library, pipeline_tag="image-classification", base_model=hub_base, datasets=[data_id],
         metrics=["accuracy"], model_name=title,
         tags=["image-classification", library, "mars-dist", method, "distance-constrained-fine-tuning"],
         eval_results=[EvalResult(task_type="image-classification", dataset_type=data_id, dataset_name=data_id,
                                  dataset_split="test", metric_type="accuracy",
                                  metric_value=round(float(result["test_accuracy"]), 6))])
+
+
+def _facts(cfg: Config, result: dict, stats: Sequence, accelerator, class_names: list, library: str,
+           run_dir: Path | None) -> list[tuple[str, str]]:
+    """The run's facts, one table row each."""
+    _, base_text = base_model(cfg)
+    method = cfg.constraint.method
     constrained = [s for s in stats if s.radius]
     at_bound = sum(s.frac_at_bound > 0 for s in constrained)
     worst = max((s.distance / s.radius for s in constrained), default=None)
-    run_dir = out.parent if (out.parent / "config.yaml").is_file() else None
     d = cfg.data
-    data_text = (f"`{data_id}` ({'image folder `' + str(d.path) + '`' if d.name == 'imagefolder' else d.name}), "
-                 f"{d.train_per_class if d.train_per_class is not None else 'all'} training images per class "
+    data_text = (f"`{dataset_id(cfg)}` ({'image folder `' + str(d.path) + '`' if d.name == 'imagefolder' else d.name}"
+                 f"), {d.train_per_class if d.train_per_class is not None else 'all'} training images per class "
                  f"(seed {cfg.seed}), {d.image_size} px")
     names = ", ".join(f"`{c}`".replace("|", "\\|") for c in class_names[:50])
     names += " ..." if len(class_names) > 50 else ""
-    facts = [
+    return [
         ("Base model", f"`{cfg.model.name}` ({library})"), ("Base weights", base_text), ("Data", data_text),
         ("Classes", f"{len(class_names)}: {names}" if class_names else "not recorded"),
         ("Method", METHODS[method].card if method in METHODS else method), ("Radii", radii_text(cfg, run_dir)),
@@ -171,6 +188,9 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
                      f"{cfg.train.batch_size} x {cfg.train.grad_accum} per process, {cfg.train.scheduler} schedule"),
         ("Launch", launch_text(accelerator)),
     ]
+
+
+def _body(title: str, library: str, hf: bool, facts: list, stats: Sequence, plot, certificate, cfg: Config) -> str:
     table = "\n".join(["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in facts])
     load_hf = ('from transformers import pipeline\n'
                'classify = pipeline("image-classification", model="EXPORT_DIR")\n'
@@ -229,7 +249,4 @@ bound holds around the pretrained weights.
 
 `training_config.yaml` is the resolved config of this run: `mars-dist train training_config.yaml`.
 """
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
-    path = out / "README.md"
-    card.save(path)
-    return path
+    return body
