@@ -1,5 +1,5 @@
 """An independent, deliberately naive implementation of the constraint formulas (docs/constraints.md, 'Semantics'),
-used as the oracle for tests/test_constraints.py.
+used as the oracle for tests/constraints/test_constraints.py.
 
 Whole tensors only, float64 throughout, no fragments, no tolerances, no in-place tricks: each function is the
 formula as written in the paper / reference code, so that a bug in the fragment-wise library cannot be mirrored

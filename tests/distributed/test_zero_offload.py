@@ -4,7 +4,7 @@ hook fires inside that step on those CPU masters. Same checks as without offload
 single-process run (also with no constraint at all: the update itself is the same), the bound on the fp32 master and
 on the weights forward uses after every update, layout-free anchors. One worker launch per stage (ZeRO-3 through the
 shipped launch/accelerate/zero3_offload.yaml). Refusals (NVMe, SuperOffload, a swapped-in DeepSpeed optimizer) are
-unit-tested in tests/test_offload_config.py."""
+unit-tested in tests/run/test_offload_config.py."""
 
 import dist_checks as checks
 import pytest

@@ -168,5 +168,5 @@ def test_hf_model_from_save_pretrained_is_certified_with_learned_radii(tmp_path,
     assert rows and all(float(r[3]) == pytest.approx(learned[r[0]], rel=1e-5) for r in rows)
 
 
-# DeepSpeed bf16 runs of every ZeRO stage are certified against the pretrained file in tests/test_core_configs.py
+# DeepSpeed bf16 runs of every ZeRO stage are certified against the pretrained file in tests/run/test_core_configs.py
 # (the trainer's certificate in summary.json, and the command on one of them).

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from independent_bound import assert_within_bound
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RADIUS, HEAD_RADIUS, STEPS = 0.05, 1.0, 3
 SAME_RUN_ATOL = 3e-5
 """One process vs ZeRO-3 on two, fp32: the gradients are the same sums in another order (ulp-level), AdamW normalises

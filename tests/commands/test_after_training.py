@@ -25,7 +25,7 @@ from mars_dist.cli import main
 from mars_dist.commands.evaluate import metrics
 from mars_dist.run.train import train
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = {1: "trouser", 8: "bag", 9: "ankle boot"}  # Fashion-MNIST label -> class folder name
 SIZES = {"train": 8, "val": 2, "test": 5}
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled",

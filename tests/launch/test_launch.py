@@ -1,7 +1,7 @@
 """Launching the real trainer: two `accelerate launch` "machines" on loopback reach the weights of the
 single-machine runs, and bad input at launch ends with a clear error naming what is wrong.
 
-Also the helpers the other launch tests share (tests/test_kill_resume.py, tests/test_slurm.py): the tiny recipe,
+Also the helpers the other launch tests share (tests/run/test_kill_resume.py, tests/launch/test_slurm.py): the tiny recipe,
 the launch commands and the reference runs, which are computed once per pytest session and reused.
 """
 
@@ -20,11 +20,11 @@ from safetensors.torch import load_file
 
 from mars_dist.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 CLI = [sys.executable, "-m", "mars_dist", "train"]
 
-# The tiny recipe of tests/test_train_ddp.py, 12 updates: 40 train images, 2 processes x micro-batch 4 x grad_accum 2
+# The tiny recipe of tests/run/test_train_ddp.py, 12 updates: 40 train images, 2 processes x micro-batch 4 x grad_accum 2
 # = 16 images per update. SGD + BN in eval mode: one process with micro-batch 8 then matches to rounding. lr 0.01, not
 # test_train_ddp's 0.05: over 12 updates 0.05 amplifies the 1e-7 rounding differences between one and two processes
 # to 1e-2 (measured; 1e-7 at 9 updates), 0.01 keeps them at 1e-7.
@@ -208,7 +208,7 @@ def test_main_process_port_in_use(tmp_path, listening):
     """A plain multi-node `accelerate launch` on a port someone holds fails within seconds on machine rank 0 (before
     the trainer starts), naming the port: accelerate's own check finds a listening socket; a socket that is only
     bound is found by torch's TCPStore (EADDRINUSE). The other machines would wait for the rendezvous (minutes):
-    launch/slurm/common.sh checks the port before starting any node (tests/test_slurm.py)."""
+    launch/slurm/common.sh checks the port before starting any node (tests/launch/test_slurm.py)."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         port = holder.getsockname()[1]

@@ -15,7 +15,7 @@ from mars_dist import config
 from mars_dist.run.train import train
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 COMMON = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "data.test_limit=20",
           "train.max_steps=3", "train.bn_mode=eval", "constraint.radius=0.05",

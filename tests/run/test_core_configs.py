@@ -2,7 +2,7 @@
 gloo, real DeepSpeed): Hugging Face image classifiers (ViT: LayerNorm; ResNet: BatchNorm) built from a local config
 under ZeRO-1/2/3 and ZeRO-3 with zero.Init equal the single-process run element by element, with the same constraint
 count and the projection active; bf16 under every ZeRO stage on the demo's BatchNorm model; a model with more than
-1,000 constrained tensors under ZeRO-3. (timm under zero.Init: tests/test_train_ddp.py; HF models under FSDP2:
+1,000 constrained tensors under ZeRO-3. (timm under zero.Init: tests/run/test_train_ddp.py; HF models under FSDP2:
 tests/distributed, accelerate turns FSDP off on CPU.)"""
 
 import json

@@ -26,7 +26,7 @@ from test_launch import PER_RANK, RECIPE, assert_same_weights, free_port, two_pr
 
 pytestmark = pytest.mark.slurm
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "launch" / "slurm"
 FAKE = ROOT / "tests" / "fixtures" / "fake_trainer.py"
 

@@ -14,7 +14,7 @@ from deepspeed.runtime.zero.offload_config import DeepSpeedZeroOffloadOptimizerC
 from mars_dist.sharding.accelerate_setup import configure_deepspeed
 from mars_dist.sharding.zero import check_offload
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def accelerator_with(ds: dict):

@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 ADAM = ["train.optimizer=adamw", "train.lr=0.001", "train.grad_accum=1"]
 # Measured: 0 (bit-identical) for one process and for DDP. The bound leaves room for other thread counts and CPUs
 # (fp32 rounding of the same gradients summed in another order: 3e-8 .. 1.7e-6 under another world size, see
-# tests/test_world_size_resume.py), far below what a lost update or a wrong sample gives (~1e-3 at lr 1e-3).
+# tests/run/test_world_size_resume.py), far below what a lost update or a wrong sample gives (~1e-3 at lr 1e-3).
 ATOL = 2e-6
 
 

@@ -1,4 +1,4 @@
-"""One DeepSpeed process (ZeRO-3, bf16, CPU over gloo) for tests/test_api.py: the refusals of mars_dist.attach under
+"""One DeepSpeed process (ZeRO-3, bf16, CPU over gloo) for tests/api/test_api.py: the refusals of mars_dist.attach under
 DeepSpeed, and the fp32 masters after a right attach. Writes a JSON of what happened to argv[1]."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The public API in one process (mars_dist.attach / capture_pretrained / Constrained): the projection inside the
 optimizer step, the refusals, the handle's stats and state, and an exact resume through accelerate's save_state /
-load_state. DeepSpeed's refusals run in a one-process DeepSpeed worker (tests/api_deepspeed_worker.py)."""
+load_state. DeepSpeed's refusals run in a one-process DeepSpeed worker (tests/api/api_deepspeed_worker.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 import mars_dist
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Net(nn.Module):
@@ -180,7 +180,8 @@ def test_deepspeed_refusals_and_bf16_masters(tmp_path):
     before the capture (no fp32 values kept) is refused."""
     out = tmp_path / "result.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "api_deepspeed_worker.py"), str(out)], cwd=ROOT,
+    worker = ROOT / "tests" / "api" / "api_deepspeed_worker.py"
+    proc = subprocess.run([sys.executable, str(worker), str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
