@@ -45,9 +45,13 @@ def capture_pretrained(model: nn.Module) -> Pretrained:
     `deepspeed.initialize` / `fully_shard` (DeepSpeed bf16/fp16 casts the model there and builds its fp32 masters
     from the rounded copy). Costs one pass over the weights; holds references, not copies, of whole fp32 tensors."""
     from mars_dist.sharding import PretrainedWeights, named_parameters
+    from mars_dist.sharding.masters import LOCAL_ATTR
 
     weights = PretrainedWeights.capture(model)
-    missing = {name for name, p in named_parameters(model).items() if hasattr(p, "ds_id") and name not in weights}
+    # partitioned by someone else's zero.Init (nothing recorded): no fp32 values. A parameter recorded as rewritten
+    # after creation (the seeded new head, set in the training dtype) has no pretrained value to restore: not missing
+    missing = {name for name, p in named_parameters(model).items()
+               if hasattr(p, "ds_id") and name not in weights and not hasattr(p, LOCAL_ATTR)}
     prints = {name: guards.fingerprint(value) for name, value in weights.whole.items()}
     prints.update({name: guards.fingerprint(values, offset) for name, (offset, values) in weights.partitions.items()})
     running = {f"{name}.running_var": m.running_var.detach().clone() for name, m in wiring.unwrap(model).named_modules()
