@@ -1,0 +1,51 @@
+"""Model-level recipe knobs applied after creation: activation checkpointing and torch.compile.
+
+Both leave the parameters and their names as they are, so the constraint, the checkpoints and the export see the
+same model. Pure PyTorch/timm/transformers: nothing here knows about processes or sharding.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """timm `set_grad_checkpointing(True)` or HF `gradient_checkpointing_enable()`: blocks are recomputed in the
+    backward pass instead of keeping their activations. Refused, naming the model, where it has neither."""
+    from mars_dist.models.factory import HFClassifier
+
+    if isinstance(model, HFClassifier):
+        hf = model.hf_model
+        if not getattr(hf, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.grad_checkpointing = true: the HF model {type(hf).__name__} does not support "
+                             f"gradient checkpointing; set it to false")
+        # non-reentrant: recomputation works with inputs that need no grad and under ZeRO-3's parameter hooks
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    setter = getattr(model, "set_grad_checkpointing", None)
+    if not callable(setter):
+        raise ValueError(f"train.grad_checkpointing = true: {type(model).__name__} has no set_grad_checkpointing; "
+                         f"set it to false")
+    try:
+        setter(True)
+    except (AssertionError, NotImplementedError) as err:  # timm models that declare it but do not implement it
+        raise ValueError(f"train.grad_checkpointing = true: {type(model).__name__} does not support it ({err}); "
+                         f"set it to false") from err
+
+
+def compile_model(model: nn.Module) -> None:
+    """torch.compile in place (`nn.Module.compile`): the module, its parameters and state-dict names stay the
+    same objects, so the optimizer, the projection hook on it, checkpoints and the export are unchanged."""
+    model.compile()
+
+
+def apply_model_knobs(model: nn.Module, grad_checkpointing: bool, compile: bool) -> list[str]:
+    """The knobs that are on, applied; returns their names (for the run's log)."""
+    applied = []
+    if grad_checkpointing:
+        enable_grad_checkpointing(model)
+        applied.append("activation checkpointing")
+    if compile:
+        compile_model(model)
+        applied.append("torch.compile")
+    return applied
