@@ -157,6 +157,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     """Activation checkpointing: timm `set_grad_checkpointing(True)`, HF `gradient_checkpointing_enable()`; the
     same gradients for less memory (blocks recomputed in backward). Refused where the model has none."""
+    channels_last: bool = False
+    """Feed the training batches in channels-last memory order (faster convolutions on GPUs with tensor cores);
+    the parameters stay contiguous for the in-place projection (docs/recipes.md)."""
     compile: bool = False
     """torch.compile the model in place (inductor; parameter names unchanged). The projection sits on the
     optimizer, not in the graph, so it is unaffected."""

@@ -6,6 +6,9 @@ same model. Pure PyTorch/timm/transformers: nothing here knows about processes o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 
@@ -37,6 +40,19 @@ def compile_model(model: nn.Module) -> None:
     """torch.compile in place (`nn.Module.compile`): the module, its parameters and state-dict names stay the
     same objects, so the optimizer, the projection hook on it, checkpoints and the export are unchanged."""
     model.compile()
+
+
+def model_inputs(cast: torch.dtype | None, channels_last: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What the model is fed: the batch in the compute dtype, and in channels-last memory order when asked.
+
+    Only the inputs change order: convolutions then run channels-last (cuDNN and oneDNN follow the input's
+    format) while the parameters stay contiguous, because the projection writes the fp32 masters in place
+    through flat views of them (and ZeRO / FSDP2 keep them in flat buffers anyway)."""
+    def to_model(x: torch.Tensor) -> torch.Tensor:
+        x = x if cast is None else x.to(cast)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+    return to_model
 
 
 def apply_model_knobs(model: nn.Module, grad_checkpointing: bool, compile: bool) -> list[str]:

@@ -23,7 +23,7 @@ from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
 from mars_dist.data.loader import build_loader
 from mars_dist.data.splits import build_splits, check_labels
 from mars_dist.models.factory import build_model, classifier_module_names, resolve_data_config
-from mars_dist.models.knobs import apply_model_knobs
+from mars_dist.models.knobs import apply_model_knobs, model_inputs
 from mars_dist.run import checkpoint as ckpt
 from mars_dist.run import resume_guard
 from mars_dist.run.finish import finish_run
@@ -173,6 +173,7 @@ class FineTune:
     def fit(self) -> None:
         acc = self.accelerator
         self.cast = input_dtype(acc)
+        self.to_model = model_inputs(self.cast, self.cfg.train.channels_last)
         self.bar = tqdm(total=self.total_updates, initial=self.step, disable=not acc.is_main_process,
                         desc="fine-tune")
         self.clock, self.samples = time.perf_counter(), 0
@@ -208,7 +209,7 @@ class FineTune:
         acc = self.accelerator
         with acc.accumulate(self.net):
             x, target = self.criterion.mix(x, y)
-            loss = self.criterion(self.net(x if self.cast is None else x.to(self.cast)).float(), target)
+            loss = self.criterion(self.net(self.to_model(x)).float(), target)
             if not torch.isfinite(acc.reduce(loss.detach(), "sum")):
                 raise TrainingDiverged(f"loss is {float(loss.detach())} at update {self.step} (epoch {self.epoch}); "
                                        f"stopped, the last checkpoint in {ckpt.checkpoint_root(self.out)} is intact")

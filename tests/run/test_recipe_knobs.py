@@ -14,7 +14,7 @@ import mars_dist
 from mars_dist import config
 from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
 from mars_dist.models.factory import HFClassifier, build_model
-from mars_dist.models.knobs import compile_model, enable_grad_checkpointing
+from mars_dist.models.knobs import compile_model, enable_grad_checkpointing, model_inputs
 from mars_dist.run.loss import TrainLoss
 from mars_dist.run.param_groups import build_param_groups
 
@@ -233,3 +233,18 @@ def test_compiled_model_keeps_the_projection_and_matches_eager():
     eager = Tiny()
     eager.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(x), eager(x), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_reorders_the_inputs_only_and_keeps_the_gradients():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    assert model_inputs(None, False)(x) is x
+    assert model_inputs(torch.bfloat16, False)(x).dtype == torch.bfloat16
+    fed = model_inputs(None, True)(x)
+    assert fed.is_contiguous(memory_format=torch.channels_last) and not fed.is_contiguous()
+    # frozen BatchNorm: batch statistics of 4 images would amplify the other summation order's fp32 rounding
+    model = lite0().eval()
+    plain, reordered = grads(model, x, y), grads(model, fed, y)
+    assert all(p.is_contiguous() for p in model.parameters())  # the projection's flat views still work
+    for n in plain:
+        assert (reordered[n] - plain[n]).abs().max() <= 1e-4 * plain[n].abs().max(), n

@@ -21,7 +21,7 @@ SMALL = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1",
          "train.bn_mode=eval"]
 KNOBS = ["model.drop_path_rate=0.2", "data.mixup=0.8", "data.cutmix=1.0", "train.label_smoothing=0.1",
          "data.auto_augment=rand-m9-mstd0.5-inc1", "data.reprob=0.25", "train.layer_decay=0.65",
-         "train.weight_decay=0.05"]
+         "train.weight_decay=0.05", "train.channels_last=true"]
 
 
 def certified(run) -> bool:
