@@ -13,7 +13,8 @@ from torch import nn
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:
-    """timm `set_grad_checkpointing(True)` or HF `gradient_checkpointing_enable()`: blocks are recomputed in the
+    """timm `set_grad_checkpointing(True)` or HF `activation_checkpointing_enable()` (formerly
+    `gradient_checkpointing_enable()`): blocks are recomputed in the
     backward pass instead of keeping their activations. Refused, naming the model, where it has neither."""
     from mars_dist.models.factory import HFClassifier
 
@@ -23,7 +24,11 @@ def enable_grad_checkpointing(model: nn.Module) -> None:
             raise ValueError(f"train.grad_checkpointing = true: the HF model {type(hf).__name__} does not support "
                              f"gradient checkpointing; set it to false")
         # non-reentrant: recomputation works with inputs that need no grad and under ZeRO-3's parameter hooks
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if callable(getattr(hf, "activation_checkpointing_enable", None)):  # transformers >= 5's name
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
     setter = getattr(model, "set_grad_checkpointing", None)
     if not callable(setter):
