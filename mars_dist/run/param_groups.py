@@ -49,9 +49,9 @@ def _ndim(p) -> int:
 
 def _no_decay_names(model: nn.Module) -> set[str]:
     names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in _EMBEDDING_NAMES}
-    own = getattr(model, "no_weight_decay", None)  # timm models list theirs
+    own = getattr(model, "no_weight_decay", None)  # timm models list theirs (names that may not exist here)
     if callable(own):
-        names |= {n for n, _ in model.named_parameters() if n in set(own())}
+        names |= set(own()) & {n for n, _ in model.named_parameters()}
     for prefix, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             names.add(f"{prefix}.weight" if prefix else "weight")

@@ -1,6 +1,7 @@
 """The recipe knobs end to end through the CLI, on the bundled ImageNet EfficientNet-Lite0 and real Fashion-MNIST:
 one process with every knob but torch.compile on (compile under the projection: test_recipe_knobs.py, the
-inductor build takes minutes here), with and without activation checkpointing (the same export, fp32); and one
+inductor build takes minutes here), with and without activation checkpointing (the same export, fp32); a tiny
+Hugging Face ViT with layer decay by encoder layer, activation checkpointing and mixup; and one
 2-process ZeRO-3 run with layer-wise lr decay (dozens of param groups -> DeepSpeed sub-groups) and activation
 checkpointing. Every run: the bound holds on the export against the pretrained file, the trainer's certificate
 passed, the projection was active."""
@@ -48,6 +49,19 @@ def test_layer_decay_and_checkpointing_under_zero3(tmp_path):
     proc = run_cli(run, SMALL + ["train.batch_size=4", "train.layer_decay=0.75", "train.weight_decay=0.05",
                                  "train.grad_checkpointing=true", "train.optimizer=sgd", "train.lr=0.05"],
                    "zero3.yaml")
+    assert "activation checkpointing" in proc.stdout
+    assert_bound_holds(run)
+    assert certified(run) and projection_was_active(run)
+
+
+def test_hf_vit_with_layer_decay_checkpointing_and_mixup(tmp_path):
+    from test_core_configs import write_hf_model
+
+    model = write_hf_model(tmp_path / "vit", "vit", layers=3)
+    run = tmp_path / "run"
+    proc = run_cli(run, SMALL + model + ["train.batch_size=8", "train.layer_decay=0.75", "train.weight_decay=0.05",
+                                         "train.grad_checkpointing=true", "data.mixup=0.8",
+                                         "train.label_smoothing=0.1", "data.reprob=0.25"])
     assert "activation checkpointing" in proc.stdout
     assert_bound_holds(run)
     assert certified(run) and projection_was_active(run)
