@@ -65,3 +65,31 @@ def test_hf_vit_with_layer_decay_checkpointing_and_mixup(tmp_path):
     assert "activation checkpointing" in proc.stdout
     assert_bound_holds(run)
     assert certified(run) and projection_was_active(run)
+
+
+def test_resume_with_the_knobs_is_exact(tmp_path):
+    """4 updates in one go == 2 updates, stop, resume (mid-epoch): mixup's and drop-path's draws come back from the
+    RNG states in the checkpoint, the param groups of layer decay from the optimizer state. (RandAugment's NumPy
+    draws, seeded per item, whatever process loads it: test_recipe_knobs.)"""
+    import shutil
+
+    import torch
+
+    from mars_dist import config
+    from mars_dist.run import checkpoint as ckpt
+    from mars_dist.run.train import train
+
+    def cfg(out, *extra):
+        return config.load(None, [f"output_dir={out}", "train.batch_size=8", "train.max_steps=4", "data.num_workers=0",
+                                  *SMALL[:4], *SMALL[5:], *KNOBS, *extra])
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(cfg(whole))
+    train(cfg(part, "checkpoint.every_steps=2", "checkpoint.keep_last=5"))
+    for later in ckpt.list_checkpoints(part)[1:]:  # as if the job died after update 2
+        shutil.rmtree(later)
+    assert train(cfg(part, "resume=auto", "checkpoint.every_steps=2"))["updates"] == 4
+    a, b = export_weights(whole), export_weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
