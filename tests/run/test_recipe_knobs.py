@@ -67,7 +67,8 @@ def test_layer_decay_gives_each_block_its_group_and_the_head_the_full_lr():
     assert by_param[id(model.blocks[5][3].conv_pw.weight)]["lr"] == pytest.approx(1e-3 * 0.5 ** 2)
     assert by_param[id(model.blocks[6][0].conv_pw.weight)]["lr"] == pytest.approx(1e-3 * 0.5)  # with conv_head
     # no weight decay on norms and biases
-    assert by_param[id(model.bn1.weight)]["weight_decay"] == 0 and by_param[id(model.classifier.bias)]["weight_decay"] == 0
+    assert by_param[id(model.bn1.weight)]["weight_decay"] == 0
+    assert by_param[id(model.classifier.bias)]["weight_decay"] == 0
     assert by_param[id(model.conv_stem.weight)]["weight_decay"] == 0.05
 
 
