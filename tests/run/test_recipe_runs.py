@@ -1,9 +1,9 @@
 """The recipe knobs end to end through the CLI, on the bundled ImageNet EfficientNet-Lite0 and real Fashion-MNIST:
 one process with every knob but torch.compile on (compile under the projection: test_recipe_knobs.py, the
 inductor build takes minutes here), with and without activation checkpointing (the same export, fp32); a tiny
-Hugging Face ViT with layer decay by encoder layer, activation checkpointing and mixup; and one
-2-process ZeRO-3 run with layer-wise lr decay (dozens of param groups -> DeepSpeed sub-groups) and activation
-checkpointing. Every run: the bound holds on the export against the pretrained file, the trainer's certificate
+Hugging Face ViT with layer decay by encoder layer, activation checkpointing and mixup; resume with the knobs on;
+and 2-process runs with layer-wise lr decay (dozens of param groups -> DeepSpeed sub-groups): ZeRO-2 with mixup /
+cutmix and drop-path, ZeRO-3 with activation checkpointing. Every run: the bound holds on the export against the pretrained file, the trainer's certificate
 passed, the projection was active."""
 
 import json
@@ -41,6 +41,16 @@ def test_every_knob_runs_and_activation_checkpointing_changes_nothing(tmp_path):
     lrs = [json.loads(line).get("train/lr") for line in (plain / "metrics.jsonl").read_text().splitlines()]
     # the logged lr is the head's, the full one: halfway down the 2-update cosine (the stem's is 0.65 ** 17 of it)
     assert [lr for lr in lrs if lr is not None][0] == pytest.approx(5e-4)
+
+
+@pytest.mark.dist
+def test_layer_decay_mixup_and_drop_path_under_zero2(tmp_path):
+    """ZeRO-2 steps all its param groups in one call (ZeRO-3: one sub-group per call); AdamW with weight decay."""
+    run = tmp_path / "run"
+    run_cli(run, SMALL + ["train.batch_size=4", "train.layer_decay=0.75", "train.weight_decay=0.05",
+                          "data.mixup=0.8", "data.cutmix=1.0", "model.drop_path_rate=0.1"], "zero2.yaml")
+    assert_bound_holds(run)
+    assert certified(run) and projection_was_active(run)
 
 
 @pytest.mark.dist
