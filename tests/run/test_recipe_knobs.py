@@ -83,6 +83,15 @@ def test_no_weight_decay_on_norms_biases_and_embeddings_of_a_vit():
     assert off == list(model.parameters())  # the knob off: one group, weight decay on everything
 
 
+def test_weight_decay_split_reads_the_real_shape_of_a_partitioned_parameter():
+    model = nn.Linear(4, 4)
+    model.weight.data, model.bias.data = torch.empty(0), torch.empty(0)  # as zero.Init leaves them on a rank
+    model.weight.ds_shape, model.bias.ds_shape = torch.Size([4, 4]), torch.Size([4])
+    groups = build_param_groups(model, 1.0, 0.05)
+    assert [(g["weight_decay"], len(g["params"])) for g in groups] == [(0.0, 1), (0.05, 1)]
+    assert groups[1]["params"][0] is model.weight
+
+
 def tiny_hf_vit(layers=3, **extra):
     from transformers import AutoModelForImageClassification, ViTConfig
 
