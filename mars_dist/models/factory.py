@@ -80,6 +80,14 @@ def _check_timm_name(name: str) -> None:
 
 
 # ---------------------------------------------------------------- builders
+def set_hf_drop_path(config, rate: float, name: str) -> None:
+    """A HF config's stochastic depth; refused for a model whose config has no `drop_path_rate` (ViT, ResNet)."""
+    if not hasattr(config, "drop_path_rate"):
+        raise ValueError(f"model.drop_path_rate = {rate}: the HF model {name!r} ({type(config).__name__}) has no "
+                         f"drop_path_rate in its config; set model.drop_path_rate to 0")
+    config.drop_path_rate = rate
+
+
 def _fresh_hf_head(hf_model: nn.Module, num_classes: int) -> None:
     """Replace the last Linear of the HF model's `.classifier` by a new one with `num_classes` outputs."""
     head = getattr(hf_model, "classifier", None)
@@ -98,7 +106,7 @@ def _fresh_hf_head(hf_model: nn.Module, num_classes: int) -> None:
 
 
 def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bool,
-              placement: Whole) -> tuple[HFClassifier, bool]:
+              placement: Whole, drop_path_rate: float = 0.0) -> tuple[HFClassifier, bool]:
     """The wrapped HF model, and whether its head is a fresh one. transformers itself creates and loads the model
     partitioned when the placement asks for it (its ZeRO-3 integration); plain modules we add go through
     `placement.modules()`."""
@@ -108,6 +116,8 @@ def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bo
         raise ValueError(f"pretrained='bundled' is only for timm {BUNDLED_ARCH}, not the HF model {name!r}; "
                          f"use 'hub', a weights file or 'none'")
     config = AutoConfig.from_pretrained(name)
+    if drop_path_rate:
+        set_hf_drop_path(config, drop_path_rate, name)
     if not keep_head:
         config.num_labels = num_classes  # the setter rebuilds id2label/label2id to match
     if placement.partitioned:
@@ -191,7 +201,8 @@ def _load_hf_file(cls, config, path: str) -> tuple[nn.Module, list[str]]:
 
 
 def build_model(name: str, pretrained: str, num_classes: int | None, source: str = "auto",
-                keep_head: bool = False, placement: Whole = WHOLE, head_seed: int | None = None) -> nn.Module:
+                keep_head: bool = False, placement: Whole = WHOLE, head_seed: int | None = None,
+                drop_path_rate: float = 0.0) -> nn.Module:
     """Build a classifier whose `forward(images)` returns logits.
 
     name: a timm model name or a HF image-classification repo id / local directory (see `resolve_source`).
@@ -202,6 +213,7 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
     placement: where parameters are created (mars_dist.models.placement: whole, or partitioned by the launcher).
     head_seed: initialise a fresh head from this seed alone (`init_fresh_head_`), so that it does not depend on how
     the model was built; None keeps the architecture's own random init.
+    drop_path_rate: stochastic depth at creation (0 = the architecture's default, off for timm models).
     """
     if not keep_head and (num_classes is None or int(num_classes) < 1):
         raise ValueError(f"num_classes must be >= 1 (got {num_classes!r}); pass keep_head=True to keep the "
@@ -211,9 +223,9 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
     if is_file and not Path(pretrained).is_file():
         raise FileNotFoundError(f"pretrained weights file not found: {pretrained} (or use 'bundled', 'hub', 'none')")
     if kind == "hf":
-        model, fresh = _build_hf(name, pretrained, num_classes, keep_head, placement)
+        model, fresh = _build_hf(name, pretrained, num_classes, keep_head, placement, drop_path_rate)
     else:
-        model, fresh = _build_timm(name, pretrained, num_classes, keep_head, placement)
+        model, fresh = _build_timm(name, pretrained, num_classes, keep_head, placement, drop_path_rate)
     placement.finish(model)  # a partitioned placement partitions what is left whole now
     if fresh and head_seed is not None:
         init_fresh_head_(model, classifier_module_names(model), head_seed, placement)
@@ -221,9 +233,10 @@ def build_model(name: str, pretrained: str, num_classes: int | None, source: str
 
 
 def _build_timm(name: str, pretrained: str, num_classes: int | None, keep_head: bool,
-                placement: Whole) -> tuple[nn.Module, bool]:
+                placement: Whole, drop_path_rate: float = 0.0) -> tuple[nn.Module, bool]:
     """The timm model, and whether its head is a fresh one."""
     _check_timm_name(name)
+    extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}  # only when set: today's call otherwise
     head = {} if keep_head else {"num_classes": num_classes}
     if pretrained == "hub" and placement.partitioned:
         raise ValueError(f"pretrained='hub' for the timm model {name!r} cannot load into parameters partitioned at "
@@ -236,13 +249,13 @@ def _build_timm(name: str, pretrained: str, num_classes: int | None, keep_head: 
             if arch != BUNDLED_ARCH:
                 raise ValueError(f"pretrained='bundled' exists only for {BUNDLED_ARCH}, not {name!r}; use 'hub' "
                                  f"(online), a local weights file, or 'none'")
-            model = timm.create_model(name, pretrained=False)  # 1000-class head, as in the bundled file
+            model = timm.create_model(name, pretrained=False, **extra)  # 1000-class head, as in the bundled file
             load_state(model, bundled_lite0_state_dict(state_shapes(model, placement)), "bundled weights",
                         placement)
             if not keep_head:
                 model.reset_classifier(num_classes)
         else:
-            model = timm.create_model(name, pretrained=pretrained == "hub", **head)
+            model = timm.create_model(name, pretrained=pretrained == "hub", **head, **extra)
             if pretrained == "hub" and not keep_head:
                 model.reset_classifier(num_classes)  # new head even when the class counts happen to match
     if pretrained not in ("bundled", "hub", "none"):

@@ -7,15 +7,19 @@ import math
 import torch
 from torch import nn
 
+from mars_dist.run.param_groups import build_param_groups
+
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float = 0.0,
-                    momentum: float = 0.9, amsgrad: bool = False) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD over all trainable parameters (one param group: the projection hook sees them all).
+                    momentum: float = 0.9, amsgrad: bool = False, layer_decay: float | None = None,
+                    no_decay_norm_bias: bool = True) -> torch.optim.Optimizer:
+    """AdamW / Adam / SGD over all trainable parameters: one param group, or groups per layer and weight decay
+    (mars_dist/run/param_groups.py) with layer-wise lr decay or weight decay split from norms and biases.
 
     A plain torch optimizer on purpose: DeepSpeed wraps it ("zero_allow_untested_optimizer") instead of needing
-    its compiled Adam, and its step hooks are where the projection runs.
+    its compiled Adam, and its step hooks are where the projection runs (over every group).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = build_param_groups(model, lr, weight_decay, layer_decay, no_decay_norm_bias)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, amsgrad=amsgrad)
     if name == "adam":

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -24,11 +23,13 @@ from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
 from mars_dist.data.loader import build_loader
 from mars_dist.data.splits import build_splits, check_labels
 from mars_dist.models.factory import build_model, classifier_module_names, resolve_data_config
+from mars_dist.models.knobs import apply_model_knobs, model_inputs
 from mars_dist.run import checkpoint as ckpt
 from mars_dist.run import resume_guard
 from mars_dist.run.finish import finish_run
 from mars_dist.run.loop import (EXIT_PREEMPTED, Preempted, StopFlag, TrainingDiverged, evaluate, set_train_mode,
                                 updates_per_epoch)
+from mars_dist.run.loss import build_loss
 from mars_dist.run.optim import build_optimizer, build_scheduler
 from mars_dist.run.resume import ResumePlan
 from mars_dist.run.tracking import Tracker, layer_metrics
@@ -84,10 +85,13 @@ class FineTune:
         cfg, acc = self.cfg, self.accelerator
         placement = model_placement(acc)
         self.net = build_model(cfg.model.name, cfg.model.pretrained, self.num_classes, source=cfg.model.source,
-                               placement=placement, head_seed=cfg.seed)
+                               placement=placement, head_seed=cfg.seed, drop_path_rate=cfg.model.drop_path_rate)
         acc.print(f"model {cfg.model.name}: parameters created "
                   f"{'partitioned (DeepSpeed zero.Init)' if placement.partitioned else 'whole'}")
         adapt_to_precision(acc, self.net)
+        knobs = apply_model_knobs(self.net, cfg.train.grad_checkpointing, cfg.train.compile)
+        if knobs:
+            acc.print(f"model {cfg.model.name}: {', '.join(knobs)}")
         self.head = classifier_module_names(self.net)
         self.data_cfg = resolve_data_config(self.net, cfg.data.image_size)
         self._loaders()
@@ -95,8 +99,9 @@ class FineTune:
     def _loaders(self) -> None:
         cfg, splits, acc = self.cfg, self.splits, self.accelerator
         evaluation = build_transforms(self.data_cfg, train=False)
-        self.train_ds = ImageClassificationDataset(splits.train, build_transforms(self.data_cfg, train=True),
-                                                   seed=cfg.seed)
+        augment = build_transforms(self.data_cfg, train=True, auto_augment=cfg.data.auto_augment,
+                                   reprob=cfg.data.reprob)
+        self.train_ds = ImageClassificationDataset(splits.train, augment, seed=cfg.seed)
         self.sizes = (len(splits.train), len(splits.val), len(splits.test))
         make = functools.partial(build_loader, settings=cfg.data, batch_size=cfg.train.batch_size, seed=cfg.seed,
                                  device=acc.device, say=acc.print)
@@ -115,8 +120,10 @@ class FineTune:
                              f"{t.batch_size} x grad_accum {t.grad_accum} x {acc.num_processes} processes; lower "
                              f"train.batch_size or raise data.train_per_class")
         self.total_updates = t.max_steps or self.per_epoch * t.epochs
-        self.optimizer = build_optimizer(self.net, t.optimizer, t.lr, t.weight_decay, t.momentum, t.amsgrad)
+        self.optimizer = build_optimizer(self.net, t.optimizer, t.lr, t.weight_decay, t.momentum, t.amsgrad,
+                                         t.layer_decay, t.no_weight_decay_norm_bias)
         step_size = t.step_size_epochs * self.per_epoch if t.step_size_epochs else t.step_size
+        self.criterion = build_loss(self.cfg, self.num_classes)  # cross-entropy, or mixup / smoothing's
         self.scheduler = build_scheduler(self.optimizer, t.scheduler, self.total_updates, t.warmup_steps, step_size,
                                          t.step_gamma)
 
@@ -166,6 +173,7 @@ class FineTune:
     def fit(self) -> None:
         acc = self.accelerator
         self.cast = input_dtype(acc)
+        self.to_model = model_inputs(self.cast, self.cfg.train.channels_last)
         self.bar = tqdm(total=self.total_updates, initial=self.step, disable=not acc.is_main_process,
                         desc="fine-tune")
         self.clock, self.samples = time.perf_counter(), 0
@@ -200,7 +208,8 @@ class FineTune:
     def _micro_batch(self, x, y) -> torch.Tensor:
         acc = self.accelerator
         with acc.accumulate(self.net):
-            loss = F.cross_entropy(self.net(x if self.cast is None else x.to(self.cast)).float(), y)
+            x, target = self.criterion.mix(x, y)
+            loss = self.criterion(self.net(self.to_model(x)).float(), target)
             if not torch.isfinite(acc.reduce(loss.detach(), "sum")):
                 raise TrainingDiverged(f"loss is {float(loss.detach())} at update {self.step} (epoch {self.epoch}); "
                                        f"stopped, the last checkpoint in {ckpt.checkpoint_root(self.out)} is intact")
@@ -235,7 +244,7 @@ class FineTune:
     def _log(self, loss: torch.Tensor) -> None:
         now = time.perf_counter()
         hook = self.constrained.hook
-        metrics = {"train/loss": float(loss), "train/lr": self.scheduler.get_last_lr()[0],
+        metrics = {"train/loss": float(loss), "train/lr": max(self.scheduler.get_last_lr()),  # the head's lr
                    "train/images_per_s": self.samples / max(now - self.clock, 1e-9), "train/epoch": self.epoch,
                    "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty}
         self.clock, self.samples = now, 0
