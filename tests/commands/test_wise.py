@@ -130,3 +130,26 @@ def test_anchors_and_batchnorm_effective_scale():
     assert all(torch.equal(interpolate(w, w0, 1.0, constraints)[k], w[k]) for k in w)
     with pytest.raises(ValueError, match="alpha=1.5"):
         interpolate(w, w0, 1.5, constraints)
+
+
+@pytest.mark.slow
+def test_hugging_face_resnet(tmp_path):
+    """A transformers model (HF key names, its own BatchNorms): the interpolated export loads with transformers and
+    passes its scaled certificate."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageClassification, ResNetConfig
+
+    model_dir = tmp_path / "resnet"
+    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 24], depths=[1, 1], layer_type="basic", num_labels=3)
+    cfg.save_pretrained(model_dir)
+    torch.manual_seed(0)
+    weights = AutoModelForImageClassification.from_config(cfg).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(model_dir / "pretrained.safetensors"))
+    run = tmp_path / "run"
+    run_cli(run, SMALL + [f"model.name={model_dir}", f"model.pretrained={model_dir / 'pretrained.safetensors'}"])
+    proc = wise_cli(run, "--alpha", "0.5", "--no-eval")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    row = json.loads((run / "wise.json").read_text())[0]
+    assert row["certificate"]["passed"] is True and row["certificate"]["layers"] > 5
+    loaded = AutoModelForImageClassification.from_pretrained(str(run / "export_wise_0.5"))
+    assert loaded.config.num_labels == 10
