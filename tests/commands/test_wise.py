@@ -65,6 +65,10 @@ def test_alpha_zero_and_one(run, pretrained):
     assert cards[0]["certificate"]["passed"] is None and cards[1]["certificate"]["passed"] is True
     assert 0 <= cards[1]["val_accuracy"] <= 1 and (run / "export_wise_0.5" / "eval").is_dir()
     assert "WiSE-FT (alpha = 0.5)" in (run / "export_wise_0.5" / "README.md").read_text()
+    from mars_dist.commands.report import write_report
+
+    page = write_report(run, run / "report_test.html").read_text()
+    assert "WiSE-FT (mars-dist wise)" in page and 'id="chart-wise"' in page and "within alpha x radii" in page
 
 
 @pytest.mark.slow
