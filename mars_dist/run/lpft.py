@@ -27,7 +27,8 @@ from torch import nn
 from mars_dist.run.loop import set_train_mode
 
 BACKBONE, HEAD = 0, 1
-"""Indices of the two param groups (backbone first: the logged learning rate, group 0, is the backbone's)."""
+"""Indices of the two param groups. The logged learning rate is the schedule's (LambdaLR records it before the
+probe sets the backbone's to 0): during the probe, the head's."""
 
 
 class LinearProbe:
