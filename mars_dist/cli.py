@@ -1,7 +1,8 @@
 """`mars-dist train CONFIG [key=value ...]`, `mars-dist sweep CONFIG [key=value ...] --trials N`,
 `mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`; after training: `mars-dist eval EXPORT_OR_RUN_DIR
 [key=value ...]`, `mars-dist predict EXPORT_DIR IMAGE_OR_FOLDER ... [--top-k K] [--output predictions.csv]`,
-`mars-dist report RUN_DIR`, `mars-dist certify RUN_DIR_OR_EXPORT [--pretrained SOURCE] [--json FILE]`.
+`mars-dist report RUN_DIR`, `mars-dist certify RUN_DIR_OR_EXPORT [--pretrained SOURCE] [--json FILE]`,
+`mars-dist wise RUN_DIR --alpha A [--alpha B ...] [--split val] [--no-eval]` (WiSE-FT exports).
 
 The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
 """
@@ -98,6 +99,13 @@ def _certify(args) -> int:
     return 1 if report.passed is False else 0
 
 
+def _wise(args) -> int:
+    from mars_dist.commands.wise import wise
+
+    rows = wise(args.run_dir, args.alpha, evaluate=not args.no_eval, split=args.split, pretrained=args.pretrained)
+    return 1 if any(r["certificate"]["passed"] is False for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mars-dist", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +165,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "directory (default: the run's model.pretrained)")
     p.add_argument("--json", default=None, help="also write the certificate and the per-layer rows to this file")
     p.set_defaults(func=_certify)
+    p = sub.add_parser("wise", aliases=["interpolate"], help="WiSE-FT: RUN_DIR/export_wise_A/ exports interpolated "
+                       "towards the pretrained weights, certified within alpha x the radii, evaluated; exit 1 when "
+                       "a certificate fails")
+    p.add_argument("run_dir", help="a finished run directory (config.yaml + export/)")
+    p.add_argument("--alpha", type=float, action="extend", nargs="+", required=True,
+                   help="interpolation weights in [0, 1] (0: pretrained, 1: the export); repeat or list several")
+    p.add_argument("--split", default="test", choices=("test", "val"), help="evaluate on (val: to choose alpha)")
+    p.add_argument("--no-eval", action="store_true", help="write and certify only")
+    p.add_argument("--pretrained", default=None, help="as for certify (default: the run's model.pretrained)")
+    p.set_defaults(func=_wise)
     return parser
 
 

@@ -179,6 +179,9 @@ class TrainConfig:
     grad_clip: float | None = None
     bn_mode: str = "train"
     """'train' (BatchNorm in training mode, as the reference) or 'eval' (frozen running statistics)."""
+    linear_probe_steps: int = 0
+    """LP-FT: the first N updates train the head alone (backbone learning rate 0, BatchNorm statistics frozen),
+    then everything (mars_dist/run/lpft.py). 0: off."""
     log_every: int = 1
     eval_every_epoch: bool = True
     collective_timeout_s: float = 300.0
@@ -202,7 +205,7 @@ RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constrain
                     "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp", "train.optimizer",
                     "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
-                    "train.max_steps", "train.epochs", "seed", "model.drop_path_rate",
+                    "train.max_steps", "train.epochs", "train.linear_probe_steps", "seed", "model.drop_path_rate",
                     "train.layer_decay", "train.no_weight_decay_norm_bias", "train.label_smoothing", "data.mixup",
                     "data.cutmix", "data.auto_augment", "data.reprob")
 
@@ -271,7 +274,8 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
             "constraint.ftp.init_radius"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
                 "data.val_fraction", "train.momentum", "constraint.ftp.k",
-                "model.drop_path_rate", "data.reprob", "data.mixup", "data.cutmix", "train.label_smoothing"}
+                "model.drop_path_rate", "data.reprob", "data.mixup", "data.cutmix", "train.label_smoothing",
+                "train.linear_probe_steps"}
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:

@@ -197,10 +197,34 @@ def certify_export(target: str | Path, pretrained: str | None = None,
 
 
 def _certify_export(target, pretrained, radii, placement) -> CertifyReport:
+    ref = reference(target, pretrained, radii, placement)
+    if ref is None:
+        return CertifyReport([], "nowhere", "model.pretrained is 'none': the run started from a random "
+                                            "initialisation; pass --pretrained to certify against weights")
+    return certify(read_export_weights(ref.export), ref.weights, ref.constraints, ref.against, ref.radii, ref.note)
+
+
+@dataclass
+class Reference:
+    """What an export is certified against: the pretrained weights from their source, the run's selection, and
+    the radii that replace the configured ones (learned: mars-ftp)."""
+    export: Path
+    cfg: object
+    weights: dict[str, torch.Tensor]
+    constraints: list[Constraint]
+    against: str
+    note: str
+    radii: dict[str, float] | None
+
+
+def reference(target, pretrained=None, radii=None, placement=None) -> Reference | None:
+    """The Reference of the export of `target` (a run directory or an export folder with its training config);
+    None when the run started from no pretrained weights and none are named. `placement`: as certify_export."""
     from mars_dist.config import load
     from mars_dist.constraints import select_constraints
     from mars_dist.models.export import find_export
     from mars_dist.models.factory import build_model, classifier_module_names
+    from mars_dist.models.placement import WHOLE
 
     export = find_export(target)
     run_dir = export.parent if (export.parent / "config.yaml").is_file() else None
@@ -210,10 +234,9 @@ def _certify_export(target, pretrained, radii, placement) -> CertifyReport:
     cfg = load(config_file)
     source = pretrained or cfg.model.pretrained
     if source == "none":
-        return CertifyReport([], "nowhere", f"model.pretrained is 'none' in {config_file}: the run started from a "
-                                            f"random initialisation; pass --pretrained to certify against weights")
+        return None
     name, spec, against = _pretrained_source(cfg.model.name, source)
-    model = build_model(name, spec, _num_classes(export), source=cfg.model.source, placement=placement)
+    model = build_model(name, spec, _num_classes(export), source=cfg.model.source, placement=placement or WHOLE)
     c = cfg.constraint
     constraints = select_constraints(model, classifier_module_names(model), c.method, c.radius, c.head_radius,
                                      c.penalty, c.head_penalty, [(g.pattern, g.radius) for g in c.groups],
@@ -228,7 +251,7 @@ def _certify_export(target, pretrained, radii, placement) -> CertifyReport:
         note = f"learned radii ({c.method}): certified against {where}"
     weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     learned = {x.name: radii[x.name] for x in constraints if x.learned} if radii is not None else None
-    return certify(read_export_weights(export), weights, constraints, against, learned, note)
+    return Reference(export, cfg, weights, constraints, against, note, learned)
 
 
 def _pretrained_source(model_name: str, source: str) -> tuple[str, str, str]:

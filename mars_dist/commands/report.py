@@ -149,6 +149,25 @@ def bound_chart(m: dict) -> str | None:
     return _svg(fig)
 
 
+def wise_chart(rows: list[dict]) -> str | None:
+    """WiSE-FT: accuracy against alpha (RUN_DIR/wise.json, written by `mars-dist wise`)."""
+    series = {}
+    for r in rows:
+        for key in ("val_accuracy", "test_accuracy"):
+            if r.get(key) is not None:
+                series.setdefault(key, []).append((r["alpha"], r[key]))
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 2.8))
+    for key, points in series.items():
+        ax.plot(*zip(*sorted(points)), marker="o", lw=1.2, label=key.replace("_", " "))
+    ax.set(title="WiSE-FT: W0 + alpha (W - W0)", xlabel="alpha", ylabel="accuracy")
+    ax.legend()
+    fig.tight_layout()
+    return _svg(fig)
+
+
 def final_layers_chart(layers: list[dict]) -> str | None:
     if not layers:
         return None
@@ -238,6 +257,15 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
                             f'src="data:image/png;base64,{data_uri}">')
         parts.append("<h2>Evaluations (mars-dist eval)</h2>" +
                      _table(rows, ("data-split", "images", "accuracy", "loss", "ECE")) + "".join(imgs))
+    wise = _read_json(run / "wise.json") or []
+    if wise:
+        svg = wise_chart(wise)
+        parts.append("<h2>WiSE-FT (mars-dist wise)</h2>" + (f'<figure class="chart" id="chart-wise">{svg}</figure>'
+                                                          if svg else "") + _table(
+            [(r["alpha"], _fmt(r.get("val_accuracy")), _fmt(r.get("test_accuracy")),
+              {True: "within alpha x radii", False: "FAILED", None: "nothing certified"}[r["certificate"]["passed"]],
+              _fmt(r["certificate"].get("worst_ratio"))) for r in wise],
+            ("alpha", "val accuracy", "test accuracy", "certificate", "worst distance / (alpha radius)")))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mars_dist report: "
             f"{html.escape(run.resolve().name)}</title><style>"

@@ -113,12 +113,14 @@ def certificate_text(certificate) -> str:
 
 
 def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: Sequence, accelerator=None,
-                     class_names: Sequence[str] | None = None, certificate=None) -> Path:
+                     class_names: Sequence[str] | None = None, certificate=None, title: str | None = None,
+                     extra: str = "") -> Path:
     """Write export_dir/README.md (+ layers.png, training_config.yaml); returns the README path.
 
     result: the trainer's result (test_accuracy, test_loss, test_images, val_accuracy, updates, chance, bound_C).
     stats: the final per-layer LayerStats. accelerator: for the launch facts (processes, DeepSpeed, precision).
-    certificate: the export's certificate (mars_dist.commands.certify.CertifyReport), or None.
+    certificate: the export's certificate (mars_dist.commands.certify.CertifyReport), or None. title / extra: a
+    derived export's own title and a section before the certificate (WiSE-FT: mars_dist/commands/wise.py).
     """
     from huggingface_hub import ModelCard
 
@@ -134,10 +136,11 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
         class_names = json.loads((out / META_FILE).read_text()).get("class_names")
     hf = (out / "preprocessor_config.json").is_file()
     library = "transformers" if hf else "timm"
-    title = f"{Path(cfg.model.name).name} fine-tuned on {dataset_id(cfg)} ({cfg.constraint.method})"
+    title = title or f"{Path(cfg.model.name).name} fine-tuned on {dataset_id(cfg)} ({cfg.constraint.method})"
     run_dir = out.parent if (out.parent / "config.yaml").is_file() else None
     facts = _facts(cfg, result, stats, accelerator, list(class_names or []), library, run_dir)
     body = _body(title, library, hf, facts, stats, plot, certificate, cfg)
+    body = body.replace("\n## Certificate\n", f"\n{extra}\n\n## Certificate\n") if extra else body
     card = ModelCard(f"---\n{_card_data(cfg, result, library, title).to_yaml()}\n---\n{body}")
     path = out / "README.md"
     card.save(path)
@@ -154,9 +157,10 @@ def _card_data(cfg: Config, result: dict, library: str, title: str):
         library_name=library, pipeline_tag="image-classification", base_model=hub_base, datasets=[data_id],
         metrics=["accuracy"], model_name=title,
         tags=["image-classification", library, "mars-dist", method, "distance-constrained-fine-tuning"],
-        eval_results=[EvalResult(task_type="image-classification", dataset_type=data_id, dataset_name=data_id,
-                                 dataset_split="test", metric_type="accuracy",
-                                 metric_value=round(float(result["test_accuracy"]), 6))])
+        eval_results=None if result.get("test_accuracy") is None else [  # a derived export may be unevaluated
+            EvalResult(task_type="image-classification", dataset_type=data_id, dataset_name=data_id,
+                       dataset_split="test", metric_type="accuracy",
+                       metric_value=round(float(result["test_accuracy"]), 6))])
 
 
 def _facts(cfg: Config, result: dict, stats: Sequence, accelerator, class_names: list, library: str,

@@ -27,6 +27,7 @@ from mars_dist.models.knobs import apply_model_knobs, model_inputs
 from mars_dist.run import checkpoint as ckpt
 from mars_dist.run import resume_guard
 from mars_dist.run.finish import finish_run
+from mars_dist.run.lpft import LinearProbe
 from mars_dist.run.loop import (EXIT_PREEMPTED, Preempted, StopFlag, TrainingDiverged, evaluate, set_train_mode,
                                 updates_per_epoch)
 from mars_dist.run.loss import build_loss
@@ -122,10 +123,13 @@ class FineTune:
         self.total_updates = t.max_steps or self.per_epoch * t.epochs
         self.optimizer = build_optimizer(self.net, t.optimizer, t.lr, t.weight_decay, t.momentum, t.amsgrad,
                                          t.layer_decay, t.no_weight_decay_norm_bias)
+        self.probe = LinearProbe(t.linear_probe_steps, self.head)  # LP-FT: [backbone, head] groups when on
+        self.probe.split(self.net, self.optimizer)
         step_size = t.step_size_epochs * self.per_epoch if t.step_size_epochs else t.step_size
         self.criterion = build_loss(self.cfg, self.num_classes)  # cross-entropy, or mixup / smoothing's
         self.scheduler = build_scheduler(self.optimizer, t.scheduler, self.total_updates, t.warmup_steps, step_size,
                                          t.step_gamma)
+        self.probe.set_learning_rates(self.optimizer, 0)
 
     # ---- attach: prepare, then the constraint through the public API ------------------------------------------
     def attach(self) -> None:
@@ -153,6 +157,7 @@ class FineTune:
             self.step, self.epoch, self.batch_in_epoch, self.total_updates = self.plan.load(
                 self.cfg, self.accelerator, self.net, self.optimizer, self.identity, self.per_epoch,
                 self.total_updates)
+        self.probe.set_learning_rates(self.scheduler.optimizer, self.step)  # the torch optimizer's groups
         self.tracker = Tracker(self.out, to_dict(self.cfg), self.cfg.tracking.wandb_mode, self.cfg.tracking.project,
                                self.cfg.tracking.run_name, active=self.accelerator.is_main_process)
         if self.accelerator.is_main_process:
@@ -196,7 +201,7 @@ class FineTune:
         self.train_ds.set_epoch(self.epoch)
         if self.batch_in_epoch:
             loader = acc.skip_first_batches(loader, self.batch_in_epoch)
-        set_train_mode(self.net, self.cfg.train.bn_mode)
+        set_train_mode(self.net, self.probe.bn_mode(self.cfg.train.bn_mode, self.step))
         for x, y in loader:
             self.batch_in_epoch += 1
             loss = self._micro_batch(x, y)
@@ -225,6 +230,7 @@ class FineTune:
         """Schedule, logs, checkpoint, preemption after one real update; True when it was the last one."""
         self.scheduler.step()
         self.step += 1
+        self.probe.after_update(self.net, self.scheduler.optimizer, self.step, self.cfg.train.bn_mode)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{float(loss):.3f}")
         self._log(loss)
