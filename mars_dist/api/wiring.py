@@ -77,17 +77,11 @@ def build_backend(model, engine, module, inner, constraints, mode, accelerator, 
         backend = sharding.build_backend(accelerator, engine if engine is not None else model, inner, constraints,
                                          mode, weights)
     elif engine is not None:
-        from mars_dist.sharding.gather import GatherBackend
-        from mars_dist.sharding.zero import ZeroBackend
-
-        backend = ZeroBackend(constraints, engine, weights)
-        backend.verify_coverage()
-        backend = GatherBackend(backend) if mode == "gather" else backend
+        backend = sharding.build_zero_backend(engine, constraints, mode, weights)
     elif any(type(p).__name__ == "DTensor" for p in module.parameters()):
         backend = sharding.build_fsdp2_backend(module, inner, constraints, mode)
     else:
-        backend = sharding.ReplicatedBackend(constraints, module, inner)
-        backend.verify_coverage()
+        backend = sharding.build_replicated_backend(module, inner, constraints)
     return backend
 
 

@@ -119,6 +119,25 @@ def build_fsdp2_backend(model: nn.Module, optimizer, constraints: list[Constrain
     return GatherBackend(backend) if mode == "gather" else backend
 
 
+def build_replicated_backend(model: nn.Module, optimizer, constraints: list[Constraint]) -> Backend:
+    """One process or DDP (`model` unwrapped): every rank holds whole fp32 parameters."""
+    backend = ReplicatedBackend(constraints, model, inner_optimizer(optimizer))
+    backend.verify_coverage()
+    return backend
+
+
+def build_zero_backend(engine, constraints: list[Constraint], mode: str = "sharded",
+                       pretrained: PretrainedWeights | None = None) -> Backend:
+    """A DeepSpeedEngine (ZeRO-1/2/3): `pretrained` is written into its fp32 masters first (required in bf16/fp16)."""
+    from mars_dist.sharding.gather import GatherBackend
+    from mars_dist.sharding.zero import ZeroBackend
+
+    _check_mode(mode)
+    backend = ZeroBackend(constraints, engine, pretrained)
+    backend.verify_coverage()
+    return GatherBackend(backend) if mode == "gather" else backend
+
+
 def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Constraint],
                   mode: str = "sharded", pretrained: PretrainedWeights | None = None) -> Backend:
     """Pick the backend for how `accelerator` prepared `model` / `optimizer` (call right after prepare, before
@@ -136,16 +155,9 @@ def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Co
     _check_mode(mode)
     kind = accelerator.distributed_type
     if kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        backend = ReplicatedBackend(constraints, accelerator.unwrap_model(model), inner_optimizer(optimizer))
-        backend.verify_coverage()
-        return backend
+        return build_replicated_backend(accelerator.unwrap_model(model), optimizer, constraints)
     if kind == DistributedType.DEEPSPEED:
-        from mars_dist.sharding.gather import GatherBackend
-        from mars_dist.sharding.zero import ZeroBackend
-
-        backend = ZeroBackend(constraints, model, pretrained)  # `model` is the DeepSpeedEngine accelerate returned
-        backend.verify_coverage()
-        return GatherBackend(backend) if mode == "gather" else backend
+        return build_zero_backend(model, constraints, mode, pretrained)  # the DeepSpeedEngine accelerate returned
     if kind == DistributedType.FSDP:
         version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
         if version != 2:
@@ -156,6 +168,6 @@ def build_backend(accelerator, model: nn.Module, optimizer, constraints: list[Co
 
 
 __all__ = ["AnchorLayoutError", "Backend", "MODES", "PretrainedWeights", "ReplicatedBackend", "build_backend",
-           "build_fsdp2_backend",
+           "build_fsdp2_backend", "build_replicated_backend", "build_zero_backend",
            "check_anchor_layout", "inner_optimizer", "named_parameters", "register_after_step_hook",
            "weak_callable"]

@@ -83,11 +83,12 @@ def restore_masters(engine, pretrained: PretrainedWeights) -> dict:
             values = pretrained.fragment(name, start, numel)
             if values is None:
                 continue
-            current = safe_get_local_fp32_param(p).detach().to("cpu", torch.float32)
+            master = safe_get_local_fp32_param(p).detach()
+            current = master.to("cpu", torch.float32)
             new = current.clone()
             new[:numel] = values  # the padding tail keeps what it holds
             differed += int((new != current).sum())
-            safe_set_local_fp32_param(p, new.to(safe_get_local_fp32_param(p).device))
+            safe_set_local_fp32_param(p, new.to(master.device))
         else:
             if name not in pretrained.whole:
                 continue

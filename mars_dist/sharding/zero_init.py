@@ -41,22 +41,28 @@ def _batchnorm_buffers_fp32(model: nn.Module) -> None:
                     buf.data = buf.data.float()
 
 
+@contextlib.contextmanager
+def _transformers_told_nothing(plugin) -> Iterator[None]:
+    """transformers does not see the ZeRO-3 config while a model is built (else it builds under zero.Init).
+    Re-entrant: an inner use must not re-register before the outer one ends."""
+    hf_ds = _transformers_deepspeed()
+    registered = hf_ds.is_deepspeed_zero3_enabled()
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if registered:
+            plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
+
+
 class WholeUnderZero3(Whole):
     """Whole parameters although a ZeRO-3 config is active (transformers is told nothing while the model is built)."""
 
     def __init__(self, plugin):
         self.plugin = plugin
 
-    @contextlib.contextmanager
-    def transformers(self) -> Iterator[None]:
-        hf_ds = _transformers_deepspeed()
-        registered = hf_ds.is_deepspeed_zero3_enabled()  # re-entrant: an inner use must not re-register early
-        hf_ds.unset_hf_deepspeed_config()
-        try:
-            yield
-        finally:
-            if registered:
-                self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
+    def transformers(self) -> contextlib.AbstractContextManager:
+        return _transformers_told_nothing(self.plugin)
 
 
 class ZeroInit(Whole):
@@ -90,15 +96,8 @@ class ZeroInit(Whole):
         """Hugging Face models are created like timm's (on the meta device, loaded and partitioned by `finish`),
         not by transformers' own zero.Init loading (mars_dist/models/hf_partitioned.py says why): transformers is told
         nothing of ZeRO-3 while the model is created."""
-        hf_ds = _transformers_deepspeed()
-        registered = hf_ds.is_deepspeed_zero3_enabled()
-        hf_ds.unset_hf_deepspeed_config()
-        try:
-            with self.modules():
-                yield
-        finally:
-            if registered:
-                self.plugin.set_deepspeed_weakref()  # accelerate's registration, as it was
+        with _transformers_told_nothing(self.plugin), self.modules():
+            yield
 
     @contextlib.contextmanager
     def edit(self, params: list[nn.Parameter]) -> Iterator[bool]:
