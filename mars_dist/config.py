@@ -199,6 +199,20 @@ class CheckpointConfig:
     to one of them is refused, naming the keys."""
 
 
+@dataclass
+class EmaConfig:
+    """An exponential moving average of the fp32 master weights (docs/recipes.md, "EMA"): kept on each rank's own
+    fragment of the masters (1/N of the model under ZeRO-3 / FSDP2), updated after the projection of every real
+    update, evaluated and exported (export/ then holds the EMA weights, export_raw/ the trained ones), in
+    checkpoints. Every EMA of weights inside the ball is inside it: the EMA export is certified too."""
+    decay: float | None = None
+    """The EMA decay, in (0, 1) (e.g. 0.998); null = no EMA (the default)."""
+    warmup: bool = True
+    """timm's EMA warm-up (ModelEmaV3, gamma 1, power 2/3): decay at update t is min(decay, 1 - (1 + t)^(-2/3)),
+    so early updates (where the pretrained start would dominate) weigh more; false = the constant decay (both
+    copy the weights at the first update, as timm)."""
+
+
 # A resume that changes one of these changes the math of the run (mars_dist.run.resume_guard).
 RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
                     "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
@@ -207,7 +221,7 @@ RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constrain
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
                     "train.max_steps", "train.epochs", "train.linear_probe_steps", "seed", "model.drop_path_rate",
                     "train.layer_decay", "train.no_weight_decay_norm_bias", "train.label_smoothing", "data.mixup",
-                    "data.cutmix", "data.auto_augment", "data.reprob")
+                    "data.cutmix", "data.auto_augment", "data.reprob", "ema.decay", "ema.warmup")
 
 
 @dataclass
@@ -246,6 +260,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
     seed: int = 0
     output_dir: str = "runs/demo"
     resume: str = "none"
@@ -396,6 +411,9 @@ def validate(cfg: Config, source: str = "config") -> Config:
             raise ConfigError(f"{source}: 'checkpoint.resume_allow_changes[{i}]' = {key!r} is not one of the keys a "
                               f"resume checks ({', '.join(RESUME_MATH_KEYS)}) or 'all'"
                               + (f"; did you mean '{close[0]}'?" if close else ""))
+    decay = cfg.ema.decay
+    if decay is not None and not (isinstance(decay, float) and 0 < decay < 1):
+        raise ConfigError(f"{source}: 'ema.decay' = {decay!r} must be in (0, 1) (e.g. 0.998), or null for no EMA")
     if cfg.sweep.metric not in ("val_accuracy", "test_accuracy"):
         raise ConfigError(f"{source}: 'sweep.metric' = {cfg.sweep.metric!r} is not one of val_accuracy, test_accuracy")
     if cfg.data.name == "imagefolder" and not cfg.data.path:

@@ -112,6 +112,23 @@ def certificate_text(certificate) -> str:
             f"{certificate.C:.3f}. Tolerance: {certificate.tolerance}.")
 
 
+def ema_text(cfg: Config, result: dict, raw: dict | None) -> str:
+    """The card's "Weights: EMA" section: which weights this folder holds, the EMA settings, the other folder."""
+    ema = result["ema"]
+    warmup = ", with timm's warm-up (decay at update t: min(decay, 1 - (1 + t)^(-2/3)))" if ema["warmup"] else ""
+    how = (f"decay {ema['decay']:g}{warmup}, over {ema['updates']} updates, of the fp32 master weights after each "
+           f"projection")
+    if raw is None:
+        return (f"## Weights: trained (not the EMA)\n\nThis folder holds the weights the run ended with. The run "
+                f"also kept an exponential moving average ({how}): `export/` holds it.")
+    other = (f"test accuracy {_fmt(raw.get('test_accuracy'))}, certificate "
+             f"{'passed' if (raw.get('certificate') or {}).get('passed') else 'not passed'}")
+    return (f"## Weights: EMA\n\nThis folder holds the **exponential moving average** of the weights ({how}). Every "
+            f"update's weights lie in the ball around the pretrained weights, and the ball is convex, so their "
+            f"average does too (BatchNorm: the average of the effective scales); the certificate below checks it. "
+            f"The weights the run ended with are in `export_raw/` next to this folder ({other}).")
+
+
 def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: Sequence, accelerator=None,
                      class_names: Sequence[str] | None = None, certificate=None, title: str | None = None,
                      extra: str = "") -> Path:

@@ -108,8 +108,10 @@ def verify(ckpt: str | Path, hashes: bool = True) -> str | None:
     return None
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int) -> Path:
-    """Every rank calls this. Returns the final checkpoint directory. A write that fails on any rank (disk full,
+def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, keep_last: int,
+                    per_rank: Callable[[Path], None] | None = None) -> Path:
+    """Every rank calls this. Returns the final checkpoint directory. `per_rank(directory)`: each rank writes its
+    own files there too (the EMA's fragments), before the manifest. A write that fails on any rank (disk full,
     permission) raises CheckpointError on every rank, naming the path; the previous checkpoints stay as they were
     and the partial one is removed."""
     root = checkpoint_root(output_dir)
@@ -126,6 +128,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
     if not error:
         try:
             accelerator.save_state(str(tmp))
+            if per_rank is not None:
+                per_rank(tmp)
         except Exception as err:  # OSError, or a writer's own (safetensors raises SafetensorError on ENOSPC)
             error = _why(err, tmp)
         error = agree_across_ranks(accelerator, error)

@@ -27,6 +27,7 @@ from mars_dist.models.knobs import apply_model_knobs, model_inputs
 from mars_dist.run import checkpoint as ckpt
 from mars_dist.run import resume_guard
 from mars_dist.run.finish import finish_run
+from mars_dist.run.ema import build_ema
 from mars_dist.run.lpft import LinearProbe
 from mars_dist.run.loop import (EXIT_PREEMPTED, Preempted, StopFlag, TrainingDiverged, evaluate, set_train_mode,
                                 updates_per_epoch)
@@ -143,6 +144,7 @@ class FineTune:
         self.constrained = attach(self.net, self.optimizer, cfg.constraint, accelerator=acc, pretrained=pretrained,
                                   head=self.head)
         del pretrained
+        self.ema = build_ema(cfg, self.constrained, acc.print)  # hooked after the projection; None when off
         # frozen statistics never differ across ranks: no need to average them in the collective
         self.constrained.backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")
         self.identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained,
@@ -157,6 +159,8 @@ class FineTune:
             self.step, self.epoch, self.batch_in_epoch, self.total_updates = self.plan.load(
                 self.cfg, self.accelerator, self.net, self.optimizer, self.identity, self.per_epoch,
                 self.total_updates)
+            if self.ema is not None:
+                self.ema.load(self.plan.checkpoint, self.accelerator.print)
         self.probe.set_learning_rates(self.scheduler.optimizer, self.step)  # the torch optimizer's groups
         self.tracker = Tracker(self.out, to_dict(self.cfg), self.cfg.tracking.wandb_mode, self.cfg.tracking.project,
                                self.cfg.tracking.run_name, active=self.accelerator.is_main_process)
@@ -260,7 +264,8 @@ class FineTune:
 
     def _save(self) -> None:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, **self.identity}
-        ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoint.keep_last)
+        ckpt.save_checkpoint(self.accelerator, self.out, self.step, state, self.cfg.checkpoint.keep_last,
+                             per_rank=self.ema.save if self.ema is not None else None)
 
     # ---- finish: test, export, certificate, card --------------------------------------------------------------
     def finish(self) -> dict:

@@ -70,6 +70,23 @@ class Backend:
         optimizers with several groups step, and hold gradients for, one group per firing."""
         return None
 
+    # ---- the fp32 masters of EVERY trainable parameter (the weight EMA, run/ema.py) ---------------------------
+    def master_tensors(self) -> list[torch.Tensor]:
+        """This rank's fp32 masters of all trainable parameters, as the flat tensors the inner optimizer steps (one
+        per ZeRO group / sub-group; one per parameter elsewhere). Cheap: call at every update (a checkpoint load
+        may swap the tensors)."""
+        raise NotImplementedError(f"the {self.name} backend does not expose its fp32 masters (weight EMA)")
+
+    def master_layout(self) -> dict[str, tuple[int, int, int, int]]:
+        """Where each trainable parameter's fragment is in `master_tensors()`: name -> (tensor index, start, numel,
+        offset in the flattened parameter). numel 0 where this rank holds nothing of it. Fixed for a run."""
+        raise NotImplementedError(f"the {self.name} backend does not expose its fp32 masters (weight EMA)")
+
+    def completes_update(self) -> bool:
+        """Inside a step post-hook of `hook_optimizer()`: True when this firing finished an update (sharded
+        optimizers step one group / sub-group per firing; the projection runs on the last)."""
+        return True
+
     def sync_forward_weights(self) -> None:
         """Copy projected fp32 masters into the weights forward uses, when the hook ran too late for the
         optimizer's own copy (fallback path). Nothing to do where forward uses the master itself."""

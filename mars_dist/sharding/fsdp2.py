@@ -50,6 +50,7 @@ class FSDP2Backend(Backend):
         if orphans:  # fully_shard replaces the parameters: an optimizer built before it steps the old tensors
             raise ValueError(f"the optimizer does not hold the sharded parameters {orphans[:3]}: create it after "
                              f"fully_shard(model)")
+        self._trainable = {n: p for n, p in params.items() if id(p) in stepped}
         self.mesh = meshes.pop() if meshes else None
         self.process_group = self.mesh.get_group() if self.mesh is not None else None
         self.world_size = dist.get_world_size(self.process_group)
@@ -71,6 +72,19 @@ class FSDP2Backend(Backend):
     def fragments(self) -> list[Fragment]:
         return [Fragment(c, self._local(p), None, off, None if p.grad is None else self._local(p.grad))
                 for c, p, off in zip(self.constraints, self.params, self.offsets)]
+
+    def master_tensors(self) -> list[torch.Tensor]:
+        return [self._local(p) if isinstance(p, DTensor) else p.detach().reshape(-1) for p in self._trainable.values()]
+
+    def master_layout(self) -> dict[str, tuple[int, int, int, int]]:
+        out = {}
+        for k, (n, p) in enumerate(self._trainable.items()):
+            offset = 0
+            if isinstance(p, DTensor):
+                _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+                offset = global_offset[0] * (p.numel() // p.shape[0]) if p.dim() else 0
+            out[n] = (k, 0, self._local(p).numel() if isinstance(p, DTensor) else p.numel(), offset)
+        return out
 
     def reduce(self, to_sum: torch.Tensor, to_average: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.params[0].device if self.params else to_sum.device  # NCCL needs the GPU

@@ -43,6 +43,15 @@ class GatherBackend(Backend):
     def hook_optimizer(self) -> torch.optim.Optimizer:
         return self.sharded.hook_optimizer()
 
+    def master_tensors(self) -> list[torch.Tensor]:
+        return self.sharded.master_tensors()
+
+    def master_layout(self) -> dict[str, tuple[int, int, int, int]]:
+        return self.sharded.master_layout()
+
+    def completes_update(self) -> bool:
+        return self.sharded.completes_update()
+
     def begin_hook(self) -> bool:
         if not self.sharded.begin_hook():
             return False

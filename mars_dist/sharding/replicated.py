@@ -24,6 +24,8 @@ class ReplicatedBackend(Backend):
         if missing:
             raise KeyError(f"constrained parameters not found in the model: {missing[:5]}")
         self.params = [params[c.name] for c in constraints]
+        stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self._trainable = {n: p for n, p in params.items() if id(p) in stepped}  # what the optimizer moves
         # Anchors are read from the weights as they are now (pretrained, before any update).
         self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.pack(self.fragments())
@@ -37,6 +39,12 @@ class ReplicatedBackend(Backend):
             self._flat = [p.data.view(-1) for p in self.params]  # cached: rebuilt only if a parameter moved
         return [Fragment(c, w, None, 0, None if p.grad is None else p.grad.view(-1))
                 for c, w, p in zip(self.constraints, self._flat, self.params)]
+
+    def master_tensors(self) -> list[torch.Tensor]:
+        return [p.data.view(-1) for p in self._trainable.values()]  # the parameters are the masters
+
+    def master_layout(self) -> dict[str, tuple[int, int, int, int]]:
+        return {n: (k, 0, p.numel(), 0) for k, (n, p) in enumerate(self._trainable.items())}
 
     def reduce(self, to_sum, to_average):
         if self.world_size > 1 and to_average.numel():

@@ -206,6 +206,29 @@ class ZeroBackend(Backend):
             raise RuntimeError(f"{c.name}: _hp_mapping.hp_fragment is not a view of the flat fp32 partition")
         return _Slot(p, group, start, numel, mapping.lp_fragment_address.start)
 
+    def master_tensors(self) -> list[torch.Tensor]:
+        return [f.detach() for f in self.flats()]
+
+    def master_layout(self) -> dict[str, tuple[int, int, int, int]]:
+        """Every parameter of every flat fp32 tensor (the trainable ones: DeepSpeed's groups hold nothing else)."""
+        names = {id(p): n for n, p in named_parameters(self.engine.module).items()}
+        out = {}
+        for k, ps in enumerate(self._param_lists()):
+            for p in ps:
+                if self.kind == "stage3":
+                    _, start, part = self.zero.grad_position[self.zero.get_param_id(p)]
+                    rank = dist.get_rank(p.ds_process_group)
+                    out[names[id(p)]] = (k, start, max(0, min(part, p.ds_numel - rank * part)), rank * part)
+                    continue
+                mapping = getattr(p, "_hp_mapping", None)
+                out[names[id(p)]] = (k, 0, 0, 0) if mapping is None else (
+                    k, mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel,
+                    mapping.lp_fragment_address.start)
+        return out
+
+    def completes_update(self) -> bool:
+        return self.num_groups - 1 in self.stepping_groups()
+
     def full_shapes(self) -> list[tuple[int, ...]]:
         return [full_shape(s.param) for s in self.slots]  # the engine's parameters, not self.params
 
