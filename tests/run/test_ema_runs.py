@@ -77,6 +77,11 @@ def assert_identical(a: Path, b: Path) -> None:
 
 
 def assert_close_to(reference: Path, run: Path) -> None:
+    """Both exports element by element, and the test losses: the EMA was also what the forward pass evaluated (the
+    low-precision / gathered copies refreshed after the swap)."""
+    sa, sb = summary(reference), summary(run)
+    assert sb["test_loss"] == pytest.approx(sa["test_loss"], rel=1e-4)
+    assert sb["raw"]["test_loss"] == pytest.approx(sa["raw"]["test_loss"], rel=1e-4)
     for folder in ("export", "export_raw"):
         wa, wb = export(reference, folder), export(run, folder)
         assert wa.keys() == wb.keys()
