@@ -7,6 +7,7 @@ from mars_dist.commands.certify import certify_export
 from mars_dist.models.export import export_model
 from mars_dist.models.factory import build_model
 from mars_dist.run.card import write_model_card
+from mars_dist.data.loader import release_workers
 from mars_dist.run.loop import evaluate
 from mars_dist.run.tracking import layer_metrics
 from mars_dist.sharding.accelerate_setup import full_state_dict, model_placement
@@ -31,6 +32,7 @@ def finish_run(run) -> dict:
     acc.print(f"test accuracy {test['accuracy']:.4f} on {test['n']} images (chance {1 / run.num_classes:.3f})")
     acc.wait_for_everyone()
     acc.end_training()
+    release_workers(*run.loaders.values())
     return result
 
 
