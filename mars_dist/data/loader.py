@@ -130,3 +130,16 @@ def build_loader(ds, settings, batch_size: int, seed: int, shuffle: bool = False
     return DataLoader(ds, batch_sampler=EpochBatchSampler(sampler, batch_size, drop_last), num_workers=workers,
                       pin_memory=resolve_pin_memory(settings.pin_memory, device), generator=generator,
                       **(extra if workers else {}))  # torch refuses both without workers
+
+
+def release_workers(*loaders) -> None:
+    """Stop now the worker processes `loaders` keep between passes (persistent workers). Otherwise they live until
+    the loader is garbage collected: after a run inside a longer Python process (a notebook, a sweep, the API) that
+    is at some later `gc.collect()`, which then waits seconds per worker for them to exit. torch keeps the live
+    iterator of a persistent loader in `DataLoader._iterator` and has no public call to end it."""
+    for loader in loaders:
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+        if hasattr(loader, "_iterator"):
+            loader._iterator = None

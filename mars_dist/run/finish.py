@@ -8,6 +8,7 @@ from __future__ import annotations
 from mars_dist.commands.certify import certify_export
 from mars_dist.models.export import export_model
 from mars_dist.models.factory import build_model
+from mars_dist.data.loader import release_workers
 from mars_dist.run.card import ema_text, write_model_card
 from mars_dist.run.loop import evaluate
 from mars_dist.run.tracking import layer_metrics
@@ -34,6 +35,7 @@ def finish_run(run) -> dict:
               f"(chance {1 / run.num_classes:.3f}){' (EMA weights)' if ema is not None else ''}")
     acc.wait_for_everyone()
     acc.end_training()
+    release_workers(*run.loaders.values())
     return result
 
 

@@ -20,7 +20,7 @@ from mars_dist.api import attach, capture_pretrained
 from mars_dist.config import Config, save, to_dict
 from mars_dist.constraints import summary
 from mars_dist.data.dataset import ImageClassificationDataset, build_transforms
-from mars_dist.data.loader import build_loader
+from mars_dist.data.loader import build_loader, release_workers
 from mars_dist.data.splits import build_splits, check_labels
 from mars_dist.models.factory import build_model, classifier_module_names, resolve_data_config
 from mars_dist.models.knobs import apply_model_knobs, model_inputs
@@ -206,11 +206,15 @@ class FineTune:
         if self.batch_in_epoch:
             loader = acc.skip_first_batches(loader, self.batch_in_epoch)
         set_train_mode(self.net, self.probe.bn_mode(self.cfg.train.bn_mode, self.step))
-        for x, y in loader:
-            self.batch_in_epoch += 1
-            loss = self._micro_batch(x, y)
-            if acc.sync_gradients and self._after_update(loss):
-                return True
+        try:
+            for x, y in loader:
+                self.batch_in_epoch += 1
+                loss = self._micro_batch(x, y)
+                if acc.sync_gradients and self._after_update(loss):
+                    return True
+        finally:
+            if loader is not self.loaders["train"]:  # the one-epoch skipping loader of a resume: its workers end
+                release_workers(loader)
         self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         return False
 

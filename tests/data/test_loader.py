@@ -248,3 +248,6 @@ def test_trainer_with_workers_resumed_across_an_epoch_equals_an_in_process_run(t
     assert run(part, *fast, "resume=auto")["updates"] == 8
     a, b = (load_file(str(p / "export" / "model.safetensors")) for p in (tmp_path / "whole", part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the runs ended their persistent workers (resume's skipping loader included): none left for a later gc
+    import multiprocessing
+    assert multiprocessing.active_children() == []
