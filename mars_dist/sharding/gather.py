@@ -52,6 +52,9 @@ class GatherBackend(Backend):
     def completes_update(self) -> bool:
         return self.sharded.completes_update()
 
+    def sync_forward_weights(self) -> None:
+        self.sharded.sync_forward_weights()  # the masters are the sharded backend's
+
     def begin_hook(self) -> bool:
         if not self.sharded.begin_hook():
             return False
