@@ -34,7 +34,8 @@ from mars_dist.constraints.packed import Packed
 class SelectiveDecay:
     """Per-update buffers of the partial sums (this rank's), and the layout's per-row / per-element layer index."""
 
-    def __init__(self, packing: Packed, strength: float, norm: str = "l2"):
+    def __init__(self, packing: Packed, strength: float, norm: str = "l2", weights: list[torch.Tensor] | None = None):
+        """weights: this rank's fragments as they are now (before the first update: BatchNorm's exact anchors)."""
         if norm not in ("l2", "mars"):
             raise ValueError(f"SPD norm {norm!r}: expected 'l2' or 'mars'")
         p = self.p = packing
@@ -44,22 +45,27 @@ class SelectiveDecay:
             torch.zeros(0, dtype=torch.long, device=dev)
         self.diag_k = torch.tensor(p.diag_cons, dtype=torch.long, device=dev)[p.diag_con] if p.diag_cons else \
             torch.zeros(0, dtype=torch.long, device=dev)
-        self.diag_anchor = self._raw_diag_anchor()
+        self.diag_anchor = self._raw_diag_anchor(weights)
         self._dot = torch.zeros(n, device=dev)
         self._pre: torch.Tensor | None = None  # pre-update distance partials, taken at the update's first firing
         self.decayed = 0
         """Layers decayed at the last update."""
 
-    def _raw_diag_anchor(self) -> torch.Tensor:
-        """The diagonal anchors in parameter space: BatchNorm's are stored as effective scales w0 / sqrt(var0 +
-        eps), so w0 is recovered by multiplying back (to float32 rounding, ~1 ulp of w0)."""
+    def _raw_diag_anchor(self, ws: list[torch.Tensor] | None) -> torch.Tensor:
+        """The diagonal anchors in parameter space. BatchNorm's are stored as effective scales w0 / sqrt(var0 +
+        eps); multiplying back recovers w0 only to ~1 ulp, and a 1-ulp W_t - W0 at the first update selects the
+        layer with ratio ~1 (the reference has W_t - W0 = 0 there: no decay). So where the weights handed in are
+        still the anchors (attach time: before any update, as the layout read them) their exact values are kept."""
         p = self.p
         parts, at = [], 0
         for i in p.diag:
             c, n = p.cons[p.con_of[i]], p.numels[i]
             a = p.diag_anchor[at:at + n]
-            parts.append(a * c.bn_denominator(c.running_var0, p.offsets[i], n).to(a.device)
-                         if c.role == "bn" else a)
+            if c.role == "bn":
+                now = ws[i].detach().float() if ws is not None else None
+                denom = c.bn_denominator(c.running_var0, p.offsets[i], n).to(a.device)
+                a = now.clone() if now is not None and torch.equal(now / denom, a) else a * denom
+            parts.append(a)
             at += n
         return torch.cat(parts) if parts else p.diag_anchor
 

@@ -35,7 +35,8 @@ class ProjectionHook:
                                           "gather reference (constraint.mode: gather) is for fixed radii")
             if "decay" in actions:
                 norm = next(c.norm for c in backend.constraints if c.action == "decay")
-                self.decay = SelectiveDecay(backend.packing, (spd or SpdConfig()).strength, norm)
+                ws = [f.w for f in backend.weight_fragments()]  # still the pretrained weights (attach time)
+                self.decay = SelectiveDecay(backend.packing, (spd or SpdConfig()).strength, norm, ws)
             else:
                 self.learned = LearnedRadii(backend.packing, ftp)
             self._handles.append(optimizer.register_step_pre_hook(self._read_gradients))
