@@ -165,3 +165,19 @@ def test_first_update_decays_nothing_but_the_head():
         frag.w.add_(grad, alpha=-0.1)
         assert decay.apply([frag.w], identity_reduce) == 0
         assert torch.equal(frag.w, w.add(grad, alpha=-0.1))
+
+
+def test_config_and_sweep_reach_the_strength():
+    """`constraint.spd.strength` is validated, and a sweep trial's value lands in the nested key."""
+    import optuna
+
+    from mars_dist import config
+    from mars_dist.commands.sweep import set_constraint_values, suggest
+
+    with pytest.raises(config.ConfigError, match="constraint.spd.strength"):
+        config.load(None, ["constraint.method=spd", "constraint.spd.strength=-1"])
+    cfg = config.load(None, ["constraint.method=mars-spd", "sweep.spd_strength_range=[0.1, 0.2]"])
+    values = suggest(optuna.create_study().ask(), cfg)
+    data = config.to_dict(cfg)
+    set_constraint_values(data["constraint"], values)
+    assert 0.1 <= data["constraint"]["spd"]["strength"] <= 0.2 and "spd.strength" not in data["constraint"]
