@@ -16,6 +16,7 @@ _API = {"capture_pretrained": "mars_dist.api", "attach": "mars_dist.api",
         "Constrained": "mars_dist.api",
         "Pretrained": "mars_dist.api", "AttachError": "mars_dist.api.guards",
         "ConstraintConfig": "mars_dist.config", "FtpConfig": "mars_dist.config", "RadiusGroup": "mars_dist.config",
+        "SpdConfig": "mars_dist.config",
         "batchnorm_in_fp32": "mars_dist.sharding.precision"}  # DeepSpeed bf16/fp16 does not autocast BatchNorm
 __all__ = ["__version__", *_API]
 

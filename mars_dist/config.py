@@ -107,10 +107,19 @@ class FtpConfig:
 
 
 @dataclass
+class SpdConfig:
+    """Selective Projection Decay (`constraint.method: spd` or `mars-spd`; docs/constraints.md, "SPD")."""
+    strength: float = 1.0
+    """lambda, the reference's `weight_decay` of AdamSPD: a selected layer moves back toward its pretrained
+    weights by lambda times its relative growth in distance this update; 1 = back onto its previous distance.
+    Set train.weight_decay to 0 to match the reference (its Adam has no other decay)."""
+
+
+@dataclass
 class ConstraintConfig:
     method: str = "mars-pgm"
     """'mars-pgm', 'l2-pgm', 'mars-sp', 'l2-sp', 'mars-ftp' (per-layer radii learned during training, docs/
-    constraints.md) or 'none' (plain fine-tuning)."""
+    constraints.md), 'spd' / 'mars-spd' (selective projection decay, `spd`) or 'none' (plain fine-tuning)."""
     radius: float = 5.0
     """Backbone radius (PGM methods): ||W - W0|| <= radius per constrained layer."""
     head_radius: float = 10.0
@@ -129,6 +138,8 @@ class ConstraintConfig:
     """Epsilon of the BatchNorm effective scale (the reference uses 1e-6, not the layer's eps)."""
     ftp: FtpConfig = field(default_factory=FtpConfig)
     """mars-ftp only: the radii's optimizer; `radius` is then unused (head_radius still bounds the head)."""
+    spd: SpdConfig = field(default_factory=SpdConfig)
+    """spd / mars-spd only: the decay strength; `radius` and `head_radius` are then unused."""
     mode: str = "sharded"
     """'sharded' (project fp32 master fragments in place, one all-reduce) or 'gather' (reference: gather each
     full parameter, project, write back; only for comparison)."""
@@ -216,7 +227,8 @@ class EmaConfig:
 # A resume that changes one of these changes the math of the run (mars_dist.run.resume_guard).
 RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
                     "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
-                    "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp", "train.optimizer",
+                    "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp",
+                    "constraint.spd", "train.optimizer",
                     "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
                     "train.max_steps", "train.epochs", "train.linear_probe_steps", "seed", "model.drop_path_rate",
@@ -243,6 +255,9 @@ class SweepConfig:
     head_radius_range: list[float] = field(default_factory=lambda: [1.6487, 33.115])
     penalty_range: list[float] = field(default_factory=lambda: [4.54e-05, 0.3679])
     """Log-uniform range of constraint.penalty and head_penalty (the reference: e^-10 .. e^-1)."""
+    spd_strength_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
+    """Log-uniform range of constraint.spd.strength (spd / mars-spd): up to 1, where a selected layer is pulled
+    back onto its previous distance and not past it."""
     metric: str = "val_accuracy"
     storage: str | None = None
     """Optuna storage URL; default sqlite:///<output_dir>/study.db (persistent: an interrupted sweep resumes)."""
@@ -290,7 +305,7 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
                 "data.val_fraction", "train.momentum", "constraint.ftp.k",
                 "model.drop_path_rate", "data.reprob", "data.mixup", "data.cutmix", "train.label_smoothing",
-                "train.linear_probe_steps"}
+                "train.linear_probe_steps", "constraint.spd.strength"}
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -401,7 +416,7 @@ def validate(cfg: Config, source: str = "config") -> Config:
         beta = getattr(cfg.constraint.ftp, key)
         if not 0 <= beta < 1:
             raise ConfigError(f"{source}: 'constraint.ftp.{key}' = {beta!r} must be in [0, 1)")
-    for key in ("radius_range", "head_radius_range", "penalty_range"):
+    for key in ("radius_range", "head_radius_range", "penalty_range", "spd_strength_range"):
         lo_hi = getattr(cfg.sweep, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise ConfigError(f"{source}: 'sweep.{key}' = {lo_hi!r} must be [low, high] with 0 < low <= high")

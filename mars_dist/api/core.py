@@ -22,7 +22,7 @@ from torch import nn
 
 from mars_dist.api import guards
 from mars_dist.api import wiring
-from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup
+from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup, SpdConfig
 
 STATE_VERSION = 1
 
@@ -68,7 +68,8 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     update. model: what prepare returned (the DeepSpeedEngine under DeepSpeed, the DDP / FSDP2 module, or the
     plain model). optimizer: the one prepare returned or the torch optimizer given to it.
     config / settings: a `ConstraintConfig`, and/or its fields as keywords (method, radius, head_radius, penalty,
-    head_penalty, groups=[(pattern, radius), ...], norm_layers, embeddings, bn_eps, ftp=FtpConfig or dict, mode).
+    head_penalty, groups=[(pattern, radius), ...], norm_layers, embeddings, bn_eps, ftp=FtpConfig or dict,
+    spd=SpdConfig or dict, mode).
     accelerator: picks the backend accelerate prepared, and registers the handle's state for save_state /
     load_state (so attach before `load_state` when resuming). pretrained: from `capture_pretrained`; required
     under DeepSpeed bf16/fp16, otherwise it adds the check that the weights are still the pretrained ones.
@@ -102,7 +103,7 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     try:
         if pretrained is not None:
             wiring.check_pretrained(backend, pretrained)
-        hook = ProjectionHook(backend, cfg.ftp)
+        hook = ProjectionHook(backend, cfg.ftp, cfg.spd)
     except Exception:
         getattr(backend, "remove", lambda: None)()
         raise
@@ -223,4 +224,6 @@ def _config(config: ConstraintConfig | None, settings: dict) -> ConstraintConfig
                               else RadiusGroup(*g) for g in settings["groups"]]
     if isinstance(settings.get("ftp"), dict):
         settings["ftp"] = FtpConfig(**settings["ftp"])
+    if isinstance(settings.get("spd"), dict):
+        settings["spd"] = SpdConfig(**settings["spd"])
     return dataclasses.replace(config or ConstraintConfig(), **settings)

@@ -244,8 +244,9 @@ def reference(target, pretrained=None, radii=None, placement=None) -> Reference 
     note = ""
     if c.method == "none":
         note = "method none (plain fine-tuning): no radius, distances reported, nothing certified"
-    elif any(x.action == "penalty" for x in constraints):
-        note = f"method {c.method} is a penalty method: no radius, distances reported, nothing certified"
+    elif any(x.action in ("penalty", "decay") for x in constraints):
+        kind = "a penalty" if constraints[0].action == "penalty" else "a decay (SPD)"
+        note = f"method {c.method} is {kind} method: no radius, distances reported, nothing certified"
     elif any(x.learned for x in constraints):
         radii, where = (radii, "the run's final learned radii") if radii is not None else _learned_radii(run_dir)
         note = f"learned radii ({c.method}): certified against {where}"

@@ -46,11 +46,21 @@ def suggest(trial, cfg: config_mod.Config) -> dict:
     return values
 
 
+def set_constraint_values(constraint: dict, values: dict) -> None:
+    """Write a trial's values into the config's `constraint` dict; a dotted key ("spd.strength") is nested."""
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = constraint
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+
+
 def run_trial(cfg: config_mod.Config, values: dict, trial_dir: Path, launcher: list[str]) -> dict:
     """Run one fine-tune with `values` in a subprocess; return its summary.json."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     data = config_mod.to_dict(cfg)
-    data["constraint"].update(values)
+    set_constraint_values(data["constraint"], values)
     data["output_dir"] = str(trial_dir)
     data["resume"] = "auto"  # a trial interrupted mid-way continues from its own checkpoint
     data["tracking"]["run_name"] = trial_dir.name

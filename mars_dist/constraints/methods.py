@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 class Method:
     name: str
     action: str
-    """'project' (into the ball after every update), 'penalty' (a gradient before it) or 'none'."""
+    """'project' (into the ball after every update), 'penalty' (a gradient before it), 'decay' (a selective pull
+    toward the pretrained weights after every update: SPD) or 'none'."""
     norm: str
     """'mars' (maximum absolute row sum) or 'l2' (Frobenius)."""
     card: str
@@ -24,6 +25,7 @@ class Method:
 
 
 _RADII = {"radius": "radius_range", "head_radius": "head_radius_range"}
+_SPD = {"spd.strength": "spd_strength_range"}  # a nested key: constraint.spd.strength
 _PENALTIES = {"penalty": "penalty_range", "head_penalty": "penalty_range"}
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -39,6 +41,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mars-ftp", "project", "mars", "MARS-FTP: as MARS-PGM, with one radius per layer learned during the "
            "fine-tune (Fast Trainable Projection, Tian et al., NeurIPS 2023); the head and BatchNorm scales keep "
            "fixed radii", learned=True, search={"head_radius": "head_radius_range"}),  # backbone radii: learned
+    Method("spd", "decay", "l2", "SPD: after every update, a layer whose gradient points away from its pretrained "
+           "weights is pulled back toward them by λ times its relative growth in Frobenius distance (Selective "
+           "Projection Decay, Tian, Huang, Kira, NeurIPS 2024); the new head toward zero", search=_SPD),
+    Method("mars-spd", "decay", "mars", "MARS-SPD: SPD with the growth ratio measured in the MARS norm (maximum "
+           "absolute row sum) instead of the Frobenius norm", search=_SPD),
     Method("none", "none", "mars", "plain fine-tuning (no constraint; distances are reported for reference)"),
 )}
 

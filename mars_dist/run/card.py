@@ -55,6 +55,8 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
         return "none (unconstrained)"
     if METHODS[c.method].action == "penalty":
         return f"penalty weights: backbone {c.penalty:g}, head {c.head_penalty:g} (no radii: a penalty method)"
+    if METHODS[c.method].action == "decay":
+        return f"none: selective projection decay, strength {c.spd.strength:g} (no radii)"
     groups = "".join(f"; `{g.pattern}`: {'unconstrained' if g.radius is None else f'{g.radius:g}'}"
                      for g in c.groups)
     if METHODS[c.method].learned:

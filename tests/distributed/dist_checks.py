@@ -11,7 +11,8 @@ import torch
 from mars_dist.sharding import ReplicatedBackend
 
 EQUIVALENCE = ("pgm", "pgm_2groups", "pgm_subgroups", "l2pgm", "marssp", "l2sp_2groups", "l2sp_subgroups", "eff_pgm",
-               "hf_vit_pgm", "hf_resnet_pgm", "ftp", "ftp_2groups", "ftp_subgroups", "eff_ftp")
+               "hf_vit_pgm", "hf_resnet_pgm", "ftp", "ftp_2groups", "ftp_subgroups", "eff_ftp", "spd", "spd_2groups",
+               "spd_subgroups", "eff_spd", "hf_vit_spd")
 
 
 def cases(key, pick=lambda c: True) -> list:
@@ -33,6 +34,8 @@ def assert_same_as_single_process(launch, reference, name: str) -> None:
     if common.case(name)["method"].endswith(("pgm", "ftp")):
         assert ranks[0]["active_layers"] > 0 and max(ranks[0]["ratio_master"]) >= 1 - 1e-4, \
             "the projection never bit: the comparison would not test it"
+    if common.case(name)["method"].endswith("spd"):  # layers decayed per update, the same on every rank
+        assert sum(ranks[0]["clipped"]) > 0 and ranks[0]["clipped"] == ranks[1]["clipped"], ranks[0]["clipped"]
 
 
 def assert_within_radius_every_update(launch, name: str) -> None:

@@ -51,6 +51,12 @@ CASES = {
     "ftp_2groups": dict(model="vit", method="mars-ftp", groups=2),
     "ftp_subgroups": dict(model="vit", method="mars-ftp", sub_group_size=20000, persistence=500),
     "eff_ftp": dict(model="effnet", method="mars-ftp"),
+    # SPD: pre-step partial sums (per group when there are several) reduced with the post-step ones
+    "spd": dict(model="vit", method="spd"),
+    "spd_2groups": dict(model="vit", method="spd", groups=2),
+    "spd_subgroups": dict(model="vit", method="mars-spd", sub_group_size=20000, persistence=500),
+    "eff_spd": dict(model="effnet", method="spd"),
+    "hf_vit_spd": dict(model="hf_vit", method="mars-spd"),
     # ZeRO-1 + bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer instead of the ZeRO-1/2 optimizer
     "bf16_fp32acc": dict(model="vit", method="mars-pgm", bf16=True, fp32_accum=True),
     # ZeRO-Offload: fp32 masters and the (torch) optimizer step on the CPU, offload_optimizer: {device: cpu}
@@ -66,12 +72,12 @@ DEFAULTS = dict(groups=1, sub_group_size=1_000_000_000, persistence=100_000, bf1
                 bn_mode="eval", mode="sharded", offload=False)
 # stage -> (cases, case to checkpoint and resume); FSDP2 is the key "fsdp2"
 LAUNCHES = {
-    1: (["pgm_2groups", "l2sp_2groups", "eff_pgm", "bf16_fp32acc", "ftp_2groups"], None),
-    2: (["pgm", "gather", "marssp", "bf16_pgm", "ftp"], None),
+    1: (["pgm_2groups", "l2sp_2groups", "eff_pgm", "bf16_fp32acc", "ftp_2groups", "spd_2groups"], None),
+    2: (["pgm", "gather", "marssp", "bf16_pgm", "ftp", "eff_spd", "hf_vit_spd"], None),
     3: (["pgm", "pgm_subgroups", "l2pgm", "marssp", "l2sp_subgroups", "gather", "gather_sp", "eff_pgm", "eff_bntrain",
-         "bf16_pgm", "ftp_subgroups", "eff_ftp"], "pgm_subgroups"),
+         "bf16_pgm", "ftp_subgroups", "eff_ftp", "spd_subgroups"], "pgm_subgroups"),
     "fsdp2": (["pgm", "l2pgm", "marssp", "gather", "gather_sp", "eff_pgm", "eff_bntrain", "hf_vit_pgm",
-               "hf_resnet_pgm", "ftp", "eff_ftp"], "pgm"),
+               "hf_resnet_pgm", "ftp", "eff_ftp", "spd", "eff_spd"], "pgm"),
     # ZeRO-Offload, one launch per stage (the cases add offload_optimizer: cpu to the stage's config)
     "offload1": (["offload_pgm_2groups", "offload_bf16_pgm"], None),
     "offload2": (["offload_none", "offload_pgm", "offload_marssp"], None),

@@ -1,0 +1,75 @@
+"""SPD through the CLI, as a user runs it (accelerate launch with the shipped configs, 2 CPU processes, gloo, real
+DeepSpeed): the bundled Lite0 (BatchNorm) with `spd` under ZeRO-3 and DDP, equal element by element to the
+one-process run on the same data; a run resumed from a mid-run checkpoint ends bit-identical to the uninterrupted one
+(one process and ZeRO-3). Elsewhere: the rule against a float64 transcription of the reference
+(tests/constraints/test_spd.py); ZeRO-1 with two param groups, ZeRO-2, ZeRO-3 with sub-groups (mars-spd) and FSDP2,
+on a timm ViT, EfficientNet (BatchNorm) and a Hugging Face ViT (LayerNorm), as cases of the shared worker launches
+(tests/distributed: the spd* cases)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from launch_helpers import assert_same_weights, constrained_summary, export_weights, run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
+# SGD: linear in the gradient, so a 2-rank gradient average stays at fp32 rounding (see test_train_ddp); SPD acts
+# after whichever optimizer. lr large enough that mini-batch gradients turn against the progress made (selection).
+LITE0 = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "data.test_limit=20",
+         "train.max_steps=6", "train.bn_mode=eval", "train.optimizer=sgd", "train.lr=0.05", "train.grad_accum=2",
+         "train.log_every=1", "tracking.wandb_mode=disabled", "constraint.method=spd", "constraint.spd.strength=1.0",
+         "checkpoint.every_steps=3", "checkpoint.keep_last=3"]
+
+
+def _decayed(run: Path) -> list[int]:
+    """Layers decayed at each update (logged as constraint/rows_clipped: rows clipped, or layers decayed)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["constraint/rows_clipped"] for r in records if "constraint/rows_clipped" in r]
+
+
+def _resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str]) -> Path:
+    """A copy of `run` that lost everything after the update-3 checkpoint, resumed with resume=auto."""
+    again = tmp / f"{run.name}_resumed"
+    shutil.copytree(run, again)
+    for late in ("checkpoints/step_00000006", "export", "summary.json", "layers.json"):
+        shutil.rmtree(again / late, ignore_errors=True) if (again / late).is_dir() else (again / late).unlink()
+    proc = run_cli(again, overrides + ["resume=auto"], launch_config)
+    assert "resumed from" in proc.stdout + proc.stderr
+    return again
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    run = tmp_path_factory.mktemp("spd") / "single"
+    run_cli(run, LITE0 + ["train.batch_size=8"])
+    return run
+
+
+def test_single_process_decays_and_resumes_bit_identical(lite0, tmp_path):
+    decayed = _decayed(lite0)
+    assert len(decayed) == 6 and sum(decayed) > 20, decayed  # Lite0: 99 tensors; selection is per layer and update
+    assert max(decayed) < 99, "every layer at every update: the condition selects nothing"
+    again = _resume_from_middle(lite0, tmp_path, None, LITE0 + ["train.batch_size=8"])
+    assert_same_weights(export_weights(lite0), export_weights(again), atol=0, rtol=0)
+
+
+def test_zero3_two_processes_equals_single_and_resumes_exactly(lite0, tmp_path):
+    run = tmp_path / "zero3"
+    run_cli(run, LITE0 + ["train.batch_size=4"], "zero3.yaml")
+    assert constrained_summary(run) == constrained_summary(lite0)
+    assert_same_weights(export_weights(lite0), export_weights(run))
+    assert _decayed(run) == _decayed(lite0)  # the same layers selected: the per-layer sums agree across ranks
+    again = _resume_from_middle(run, tmp_path, "zero3.yaml", LITE0 + ["train.batch_size=4"])
+    assert_same_weights(export_weights(run), export_weights(again), atol=0, rtol=0)
+
+
+def test_ddp_two_processes_equals_single(lite0, tmp_path):
+    run = tmp_path / "ddp"
+    run_cli(run, LITE0 + ["train.batch_size=4"], "cpu.yaml")
+    assert_same_weights(export_weights(lite0), export_weights(run))
+    assert _decayed(run) == _decayed(lite0)
