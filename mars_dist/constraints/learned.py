@@ -54,6 +54,8 @@ class LearnedRadii:
     def __init__(self, packing: Packed, settings: FtpConfig | None = None):
         p = self.p = packing
         self.s = settings or FtpConfig()
+        if self.s.scale not in ("layer", "reference"):  # the API's settings skip the config's validation
+            raise ValueError(f"constraint.ftp.scale = {self.s.scale!r} is not one of layer, reference")
         dev = p.device
         self.learned = torch.tensor([c.learned for c in p.cons], dtype=torch.bool,
                                     device=dev)

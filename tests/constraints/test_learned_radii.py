@@ -234,3 +234,21 @@ def test_layer_scale_init_and_first_step(cuts):
             assert seen[0][c.name] == pytest.approx(1e-3 * u, rel=1e-6), (scale, c.name)
             f = (0.1 / (1 - 0.9 ** 2)) / math.sqrt(0.001 / (1 - 0.999 ** 2))
             assert abs(seen[1][c.name] - seen[0][c.name]) == pytest.approx(1e-3 * u * f, rel=1e-5), (scale, c.name)
+
+
+def test_scale_is_a_checked_setting():
+    """A bad `constraint.ftp.scale` names the key; radii learned in one unit are not resumed in the other (their
+    Adam moments are of another variable): a checkpoint from before the setting counts as 'reference'."""
+    from mars_dist import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="constraint.ftp.scale.*'relative'"):
+        config_mod.load(None, ["constraint.ftp.scale=relative"])
+    cons, w0, _, _ = _problem()
+    frags = [Fragment(c, w0[c.name].float().reshape(-1), c.anchor_fragment(w0[c.name].float().reshape(-1), 0), 0)
+             for c in cons]
+    layer, reference = (LearnedRadii(Packed(frags, average_running_vars=False), FtpConfig(scale=s))
+                        for s in ("layer", "reference"))
+    old = {k: v for k, v in reference.state_dict().items() if k not in ("scale", "unit")}
+    reference.load_state_dict(old)
+    with pytest.raises(ValueError, match="constraint.ftp.scale='reference'.*this run has 'layer'"):
+        layer.load_state_dict(old)
