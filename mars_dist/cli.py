@@ -2,7 +2,7 @@
 `mars-dist prepare NAME SOURCE OUT`, `mars-dist config [CONFIG]`; after training: `mars-dist eval EXPORT_OR_RUN_DIR
 [key=value ...]`, `mars-dist predict EXPORT_DIR IMAGE_OR_FOLDER ... [--top-k K] [--output predictions.csv]`,
 `mars-dist report RUN_DIR`, `mars-dist certify RUN_DIR_OR_EXPORT [--pretrained SOURCE] [--json FILE]`,
-`mars-dist wise RUN_DIR --alpha A [--alpha B ...] [--split val] [--no-eval]` (WiSE-FT exports).
+`mars-dist interpolate RUN_DIR --alpha A [B ...] [--split val] [--no-eval]` (WiSE-FT exports; alias `wise`).
 
 The same entry point runs under `accelerate launch -m mars_dist train CONFIG ...` and SLURM.
 """
@@ -103,7 +103,7 @@ def _wise(args) -> int:
     from mars_dist.commands.wise import wise
 
     rows = wise(args.run_dir, args.alpha, evaluate=not args.no_eval, split=args.split, pretrained=args.pretrained)
-    return 1 if any(r["certificate"]["passed"] is False for r in rows) else 0
+    return 1 if any(r["certificate"]["passed"] is False or r["bound"]["holds"] is False for r in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "directory (default: the run's model.pretrained)")
     p.add_argument("--json", default=None, help="also write the certificate and the per-layer rows to this file")
     p.set_defaults(func=_certify)
-    p = sub.add_parser("wise", aliases=["interpolate"], help="WiSE-FT: RUN_DIR/export_wise_A/ exports interpolated "
-                       "towards the pretrained weights, certified within alpha x the radii, evaluated; exit 1 when "
-                       "a certificate fails")
+    p = sub.add_parser("interpolate", aliases=["wise"], help="WiSE-FT: RUN_DIR/export_wise_A/ exports interpolated "
+                       "towards the pretrained weights, certified within alpha x the radii (and the bound term "
+                       "against the bound they give), evaluated; exit 1 when a check fails")
     p.add_argument("run_dir", help="a finished run directory (config.yaml + export/)")
     p.add_argument("--alpha", type=float, action="extend", nargs="+", required=True,
                    help="interpolation weights in [0, 1] (0: pretrained, 1: the export); repeat or list several")

@@ -93,7 +93,8 @@ class RadiusGroup:
 
 @dataclass
 class FtpConfig:
-    """Learned radii (`constraint.method: mars-ftp`, Fast Trainable Projection): defaults of the paper's code."""
+    """Learned radii (`constraint.method: mars-ftp`, Fast Trainable Projection): the paper code's defaults, in the
+    units `scale` chooses."""
     lr: float = 1e-2
     """Adam step size of the per-layer radii (the reference's mu)."""
     beta1: float = 0.9
@@ -103,7 +104,12 @@ class FtpConfig:
     """Annealing factor on positive radius gradients (steps that shrink a radius); 1 = none."""
     init_radius: float = 1e-8
     """Every learned radius at the first update (the reference starts at 1e-8: the first update stays at the
-    pretrained weights, the radii then grow as the gradients ask)."""
+    pretrained weights, the radii then grow as the gradients ask). In units of `scale`."""
+    scale: str = "layer"
+    """Units of `init_radius` and `lr` (the radius and its Adam step): 'layer' (default) multiplies both by each
+    layer's pretrained ||W0||_MARS (max row L1 norm; diagonal layers max |w0|), so a radius grows at the same
+    relative rate in every layer; 'reference' takes them as absolute numbers, as the paper's code (its radii grow
+    by at most ~lr per update in every layer whatever its size: under-fits short runs, docs/constraints.md)."""
 
 
 @dataclass
@@ -289,6 +295,7 @@ CHOICES = {
     "constraint.norm_layers": ("clip", "none"),
     "constraint.embeddings": ("clip", "none"),
     "constraint.mode": ("sharded", "gather"),
+    "constraint.ftp.scale": ("layer", "reference"),
     "train.optimizer": ("adamw", "adam", "sgd"),
     "train.scheduler": ("cosine", "step", "constant"),
     "train.mixed_precision": ("no", "bf16", "fp16"),

@@ -150,7 +150,7 @@ def bound_chart(m: dict) -> str | None:
 
 
 def wise_chart(rows: list[dict]) -> str | None:
-    """WiSE-FT: accuracy against alpha (RUN_DIR/wise.json, written by `mars-dist wise`)."""
+    """WiSE-FT: accuracy against alpha (RUN_DIR/wise.json, written by `mars-dist interpolate`)."""
     series = {}
     for r in rows:
         for key in ("val_accuracy", "test_accuracy"):
@@ -260,12 +260,14 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     wise = _read_json(run / "wise.json") or []
     if wise:
         svg = wise_chart(wise)
-        parts.append("<h2>WiSE-FT (mars-dist wise)</h2>" + (f'<figure class="chart" id="chart-wise">{svg}</figure>'
-                                                          if svg else "") + _table(
+        parts.append("<h2>WiSE-FT (mars-dist interpolate)</h2>" + (
+            f'<figure class="chart" id="chart-wise">{svg}</figure>' if svg else "") + _table(
             [(r["alpha"], _fmt(r.get("val_accuracy")), _fmt(r.get("test_accuracy")),
               {True: "within alpha x radii", False: "FAILED", None: "nothing certified"}[r["certificate"]["passed"]],
-              _fmt(r["certificate"].get("worst_ratio"))) for r in wise],
-            ("alpha", "val accuracy", "test accuracy", "certificate", "worst distance / (alpha radius)")))
+              _fmt(r["certificate"].get("worst_ratio")), _fmt(r.get("bound", {}).get("C")),
+              _fmt(r.get("bound", {}).get("C_radii"))) for r in wise],
+            ("alpha", "val accuracy", "test accuracy", "certificate", "worst distance / (alpha radius)",
+             "bound term C", "C_r (alpha x radii)")))
     parts.append(f"<h2>Config</h2><pre>{html.escape(config_text)}</pre>")
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>mars_dist report: "
             f"{html.escape(run.resolve().name)}</title><style>"

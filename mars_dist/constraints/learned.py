@@ -2,14 +2,25 @@
 NeurIPS 2023; reference code GT-RIPL/FTP) with the MARS row norm, on the packed layout of constraints/packed.py.
 
 Per learned constraint j (one radius gamma_j per layer), at update t, with W~ the weights the optimizer just
-produced and c = W~ - W0 (BatchNorm: in effective-scale space), row norms n_r = ||c_r||_1 + 1e-8:
-1. t = 1: gamma_j = init (1e-8 in the reference: the first update is pulled back onto the pretrained weights).
+produced and c = W~ - W0 (BatchNorm: in effective-scale space), row norms n_r = ||c_r||_1 + 1e-8, and u_j the
+layer's unit (`FtpConfig.scale`: 'reference' u_j = 1, the paper's code; 'layer' u_j = ||W0_j||_MARS, the pretrained
+layer's max row L1 norm, max |w0| for a diagonal layer; 1 for an all-zero layer). The learned variable is
+rho_j = gamma_j / u_j:
+1. t = 1: gamma_j = init u_j (init 1e-8 in the reference: the first update is pulled back onto the pretrained
+   weights).
 2. t > 1: the gradient of the loss w.r.t. gamma_j is  sum_r g_r . c'_r / n'_r  with g the gradient of this update
    and c', n' the previous update's unconstrained displacement and row norms (dW_r/dgamma for a clipped row);
-   positive gradients are multiplied by k (annealing); gamma_j takes one Adam step (own lr, betas, eps, bias
-   correction with t, as the reference); then gamma_j is clipped to [1e-8, max_r n_r].
+   positive gradients are multiplied by k (annealing); rho_j takes one Adam step on u_j times that gradient (own
+   lr, betas, eps, bias correction with t, as the reference), i.e. gamma_j moves by lr u_j at most (about);
+   then gamma_j is clipped to [1e-8, max_r n_r].
 3. Projection with gamma_j: rows with n_r above gamma_j are rescaled radially onto it (`lerp(W0, W~, s)`, exactly as
    the fixed-radius projection: rows inside are bit-exact no-ops); diagonal layers clip |d - d0| <= gamma_j.
+Why 'layer' (the default): Adam normalises the radius gradient, so the radius moves by about lr per update whatever
+the layer's size; with absolute units one lr is too slow for a large layer and too fast for a small one (pretrained
+||W0||_MARS spans 2 to 72 in EfficientNet-Lite0, plain fine-tuning's distances 0.03 to 11, but only 0.01 to 0.23 of
+their layer's ||W0||_MARS; docs/constraints.md). The bound's own complexity term measures layers the same way
+(sum_j D_j / B_j, engine.py). u_j is summed over the ranks' anchor fragments in the first update's reduce (no extra
+collective) and checkpointed.
 Which constraints learn is decided by the selection (`Constraint.learned`: matrices, norm layers, embeddings when
 clipped); the others keep their fixed radius here (the head, BatchNorm effective scales, numeric `groups` entries:
 docs/constraints.md says why). The math below also handles a learned diagonal/BatchNorm constraint.
@@ -44,12 +55,16 @@ class LearnedRadii:
     def __init__(self, packing: Packed, settings: FtpConfig | None = None):
         p = self.p = packing
         self.s = settings or FtpConfig()
+        if self.s.scale not in ("layer", "reference"):  # the API's settings skip the config's validation
+            raise ValueError(f"constraint.ftp.scale = {self.s.scale!r} is not one of layer, reference")
         dev = p.device
         self.learned = torch.tensor([c.learned for c in p.cons], dtype=torch.bool,
                                     device=dev)
         n = len(p.cons)
         fixed = [c.radius if c.action == "project" and c.radius is not None else math.inf for c in p.cons]
         self.fixed = torch.tensor(fixed, dtype=torch.float64, device=dev)
+        self.unit = torch.ones(n, dtype=torch.float64, device=dev)
+        """u_j (module docstring): ones until the first update measures ||W0_j||_MARS under scale 'layer'."""
         self.gamma = torch.where(self.learned, torch.full((n,), self.s.init_radius, dtype=torch.float64,
                                                           device=dev), self.fixed)
         self.m = torch.zeros(n, dtype=torch.float64, device=dev)
@@ -111,10 +126,14 @@ class LearnedRadii:
         row_part = row_partials(p, ws, True, False)[0]
         _, d, _ = p.diag_values(ws)
         diag_abs = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, (d - p.diag_anchor).abs())
-        totals, averaged = reduce(torch.cat([row_part, diag_abs, self._dot]), p.running_vars())
+        measure_unit = self.t == 0 and self.s.scale == "layer"
+        parts = [row_part, diag_abs, self._dot] + (self._anchor_partials() if measure_unit else [])
+        totals, averaged = reduce(torch.cat(parts), p.running_vars())
         p.write_running_vars(averaged)
-        R, E = p.num_rows, p.diag_total
-        row_l1, diag_l1, dot = totals[:R], totals[R:R + E], totals[R + E:]
+        R, E, n = p.num_rows, p.diag_total, len(p.cons)
+        row_l1, diag_l1, dot = totals[:R], totals[R:R + E], totals[R + E:R + E + n]
+        if measure_unit:
+            self._set_unit(totals[R + E + n:R + E + n + R], totals[R + E + n + R:])
         self._dot.zero_()
         self.t += 1
         self._update_gamma(row_l1, diag_l1, dot)
@@ -132,6 +151,27 @@ class LearnedRadii:
             clipped += clip_diag(p, ws, radius[self.diag_k])
         return clipped
 
+    def _anchor_partials(self) -> list[torch.Tensor]:
+        """This rank's part of every row's ||W0_r||_1 and its |d0| elements (the reduce adds up the ranks)."""
+        p = self.p
+        rows = torch.zeros(p.num_rows, device=p.device)
+        for ch in p.chunks:
+            rows.index_add_(0, ch.rows, ch.anchor.abs().sum(1))
+        if p.pieces:
+            rows.index_add_(0, p.piece_rows, p.piece_sums(p.piece_anchor.abs()))
+        diag = torch.zeros(p.diag_total, device=p.device).index_copy_(0, p.diag_index, p.diag_anchor.abs())
+        return [rows, diag]
+
+    def _set_unit(self, rows: torch.Tensor, diag: torch.Tensor) -> None:
+        """u_j = ||W0_j||_MARS of every learned layer (1 where it is zero: no scale to measure in)."""
+        p = self.p
+        unit = torch.zeros(len(p.cons), dtype=torch.float64, device=p.device)
+        if p.row_cons:
+            unit[p.row_cons] = torch.segment_reduce(rows, "max", lengths=p.row_lengths).double()
+        if p.diag_cons:
+            unit[p.diag_cons] = torch.segment_reduce(diag, "max", lengths=p.diag_lengths).double()
+        self.unit = torch.where(self.learned & (unit > 0), unit, torch.ones_like(unit))
+
     def _update_gamma(self, row_l1: torch.Tensor, diag_l1: torch.Tensor, dot: torch.Tensor) -> None:
         p, s = self.p, self.s
         n = len(p.cons)
@@ -141,17 +181,17 @@ class LearnedRadii:
         if p.diag_cons:
             top[p.diag_cons] = torch.segment_reduce(diag_l1 + NORM_EPS, "max", lengths=p.diag_lengths).double()
         if self.t == 1:
-            new = torch.full_like(self.gamma, s.init_radius)
+            new = s.init_radius * self.unit
         else:
             g = dot.double()
-            g = torch.where(g > 0, g * s.k, g)
+            g = torch.where(g > 0, g * s.k, g) * self.unit  # d loss / d rho_j (u_j = 1: the reference, bit for bit)
             m = s.beta1 * self.m + (1 - s.beta1) * g
             v = s.beta2 * self.v + (1 - s.beta2) * g * g
             self.m = torch.where(self.learned, m, self.m)
             self.v = torch.where(self.learned, v, self.v)
             m_hat = m / (1 - s.beta1 ** self.t)
             v_hat = v / (1 - s.beta2 ** self.t)
-            new = self.gamma - s.lr * m_hat / (v_hat.sqrt() + s.eps)
+            new = self.gamma - self.unit * (s.lr * m_hat / (v_hat.sqrt() + s.eps))
             new = torch.minimum(torch.maximum(new, torch.full_like(new, NORM_EPS)), top)
         self.gamma = torch.where(self.learned, new, self.fixed)
 
@@ -191,17 +231,23 @@ class LearnedRadii:
                 c.radius = r
 
     def state_dict(self) -> dict:
-        """Replicated part (identical on every rank): radii, Adam moments, update count."""
+        """Replicated part (identical on every rank): radii, Adam moments, update count, units."""
         return {"gamma": self.gamma.cpu(), "m": self.m.cpu(), "v": self.v.cpu(), "t": self.t,
-                "names": [c.name for c in self.p.cons]}
+                "names": [c.name for c in self.p.cons], "scale": self.s.scale, "unit": self.unit.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         names = [c.name for c in self.p.cons]
         if state["names"] != names:
             raise ValueError(f"learned radii in the checkpoint are for {len(state['names'])} layers "
                              f"({state['names'][:2]}...), this run constrains {len(names)} ({names[:2]}...)")
+        saved = state.get("scale", "reference")  # checkpoints from before the setting: absolute units
+        if saved != self.s.scale:
+            raise ValueError(f"learned radii in the checkpoint were learned with constraint.ftp.scale={saved!r}, "
+                             f"this run has {self.s.scale!r}: set constraint.ftp.scale={saved} to resume it")
         dev = self.p.device
         self.gamma, self.m, self.v = (state[k].to(dev, torch.float64) for k in ("gamma", "m", "v"))
+        if "unit" in state:
+            self.unit = state["unit"].to(dev, torch.float64)
         self.t = int(state["t"])
         self.sync_radii()
 

@@ -60,8 +60,10 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
     groups = "".join(f"; `{g.pattern}`: {'unconstrained' if g.radius is None else f'{g.radius:g}'}"
                      for g in c.groups)
     if METHODS[c.method].learned:
-        return (f"backbone: learned per layer (FTP, Adam lr {c.ftp.lr:g}, start {c.ftp.init_radius:g}; the final "
-                f"values are in the table below), BatchNorm {c.radius:g} and head {c.head_radius:g} fixed{groups}")
+        units = " x each layer's pretrained ‖W0‖_MARS" if c.ftp.scale == "layer" else " (absolute)"
+        return (f"backbone: learned per layer (FTP, Adam lr {c.ftp.lr:g}, start {c.ftp.init_radius:g}{units}; the "
+                f"final values are in the table below), BatchNorm {c.radius:g} and head {c.head_radius:g} "
+                f"fixed{groups}")
     swept = run_dir is not None and (run_dir / "trial_config.yaml").is_file()
     how = "drawn by `mars-dist sweep` (Optuna TPE on validation accuracy) for this trial" if swept else \
         "fixed in the config"
@@ -133,13 +135,14 @@ def ema_text(cfg: Config, result: dict, raw: dict | None) -> str:
 
 def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: Sequence, accelerator=None,
                      class_names: Sequence[str] | None = None, certificate=None, title: str | None = None,
-                     extra: str = "") -> Path:
+                     extra: str = "", facts: dict[str, str] | None = None) -> Path:
     """Write export_dir/README.md (+ layers.png, training_config.yaml); returns the README path.
 
     result: the trainer's result (test_accuracy, test_loss, test_images, val_accuracy, updates, chance, bound_C).
     stats: the final per-layer LayerStats. accelerator: for the launch facts (processes, DeepSpeed, precision).
     certificate: the export's certificate (mars_dist.commands.certify.CertifyReport), or None. title / extra: a
-    derived export's own title and a section before the certificate (WiSE-FT: mars_dist/commands/wise.py).
+    derived export's own title and a section before the certificate (WiSE-FT: mars_dist/commands/wise.py). facts:
+    rows of the facts table the caller words itself (a derived export's radii and bound), by row name.
     """
     from huggingface_hub import ModelCard
 
@@ -157,7 +160,8 @@ def write_model_card(export_dir: str | Path, cfg: Config, result: dict, stats: S
     library = "transformers" if hf else "timm"
     title = title or f"{Path(cfg.model.name).name} fine-tuned on {dataset_id(cfg)} ({cfg.constraint.method})"
     run_dir = out.parent if (out.parent / "config.yaml").is_file() else None
-    facts = _facts(cfg, result, stats, accelerator, list(class_names or []), library, run_dir)
+    facts = [(k, (facts or {}).get(k, v)) for k, v in _facts(cfg, result, stats, accelerator,
+                                                             list(class_names or []), library, run_dir)]
     body = _body(title, library, hf, facts, stats, plot, certificate, cfg)
     body = body.replace("\n## Certificate\n", f"\n{extra}\n\n## Certificate\n") if extra else body
     card = ModelCard(f"---\n{_card_data(cfg, result, library, title).to_yaml()}\n---\n{body}")

@@ -1,4 +1,4 @@
-"""`mars-dist wise`: WiSE-FT exports of a finished run. End to end on the bundled Lite0 (BatchNorm in train mode, so
+"""`mars-dist interpolate` (alias `wise`): WiSE-FT exports of a finished run. End to end on the bundled Lite0 (BatchNorm in train mode, so
 the running variances move and the effective-scale interpolation matters): a = 0 is the pretrained backbone with a
 zero head, a = 1 the export bit for bit, a = 0.5 within 0.5 r by an independent float64 check against the bundled
 fp32 weights, loadable by timm alone; a fine-tuned export pushed out of its ball fails at a = 0.5. Unit level: the
@@ -27,8 +27,8 @@ SMALL = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1",
          f"constraint.head_radius={HEAD_RADIUS}", "train.bn_mode=train", "tracking.wandb_mode=disabled"]
 
 
-def wise_cli(run, *args: str) -> subprocess.CompletedProcess:
-    env_cmd = [sys.executable, "-m", "mars_dist", "wise", str(run), *args]
+def wise_cli(run, *args: str, command: str = "interpolate") -> subprocess.CompletedProcess:
+    env_cmd = [sys.executable, "-m", "mars_dist", command, str(run), *args]
     return subprocess.run(env_cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -36,8 +36,10 @@ def wise_cli(run, *args: str) -> subprocess.CompletedProcess:
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("wise") / "run"
     run_cli(out, SMALL)
-    for args in (["--alpha", "0", "--alpha", "1", "--no-eval"], ["--alpha", "0.5", "--split", "val"]):
-        proc = wise_cli(out, *args)  # the second call adds its row to wise.json
+    # one list under the canonical name, then the alias: the second call adds its row to wise.json
+    for command, args in (("interpolate", ["--alpha", "0", "1", "--no-eval"]),
+                          ("wise", ["--alpha", "0.5", "--split", "val"])):
+        proc = wise_cli(out, *args, command=command)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out
 
@@ -64,11 +66,15 @@ def test_alpha_zero_and_one(run, pretrained):
     assert [r["alpha"] for r in cards] == [0, 0.5, 1]
     assert cards[0]["certificate"]["passed"] is None and cards[1]["certificate"]["passed"] is True
     assert 0 <= cards[1]["val_accuracy"] <= 1 and (run / "export_wise_0.5" / "eval").is_dir()
-    assert "WiSE-FT (alpha = 0.5)" in (run / "export_wise_0.5" / "README.md").read_text()
+    card = (run / "export_wise_0.5" / "README.md").read_text()
+    assert "WiSE-FT (alpha = 0.5)" in card and "every radius of the run x 0.5" in card
+    assert f"C_r = {cards[1]['bound']['C_radii']:.3f}" in card and "checked, holds" in card
+    assert cards[0]["bound"]["holds"] is None and cards[1]["bound"]["holds"] is cards[2]["bound"]["holds"] is True
     from mars_dist.commands.report import write_report
 
     page = write_report(run, run / "report_test.html").read_text()
-    assert "WiSE-FT (mars-dist wise)" in page and 'id="chart-wise"' in page and "within alpha x radii" in page
+    assert "WiSE-FT (mars-dist interpolate)" in page and 'id="chart-wise"' in page and "within alpha x radii" in page
+    assert "C_r (alpha x radii)" in page and f"{cards[1]['bound']['C_radii']:.4f}" in page
 
 
 @pytest.mark.slow
@@ -79,6 +85,7 @@ def test_half_is_within_half_the_radius(run, pretrained):
     wa = load_file(str(run / "export_wise_0.5" / "model.safetensors"))
     up = lambda t: torch.nextafter(t.abs(), torch.full_like(t, math.inf)).double() - t.abs().double()  # noqa: E731
     checked = 0
+    log_2b, d_over_b, r_over_b = [], [], []  # the bound term C and C_r (radii x 0.5) from the same float64 values
     for name, m in model.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             head = name == "classifier"
@@ -87,14 +94,23 @@ def test_half_is_within_half_the_radius(run, pretrained):
             r = 0.5 * (HEAD_RADIUS if head else RADIUS)
             allowed = r * (1 + 1e-5) + up(w).reshape(w.shape[0], -1).sum(1)
             assert (dev.abs().sum(1) <= allowed).all(), (name, float(dev.abs().sum(1).max()), r)
+            b = float(w.double().reshape(w.shape[0], -1).abs().sum(1).max())
+            log_2b.append(math.log(2 * b)), d_over_b.append(float(dev.abs().sum(1).max()) / b), r_over_b.append(r / b)
             checked += 1
         elif isinstance(m, torch.nn.BatchNorm2d):
             s, s0 = (torch.sqrt(x[f"{name}.running_var"].double() + EPS) for x in (wa, w0))
             d, d0 = wa[f"{name}.weight"].double() / s, w0[f"{name}.weight"].double() / s0
             allowed = 0.5 * RADIUS + up(wa[f"{name}.weight"]) / s + 4 * up(torch.maximum(d.abs(), d0.abs()).float())
             assert ((d - d0).abs() <= allowed).all(), (name, float((d - d0).abs().max()))
+            b = float(d.abs().max())
+            log_2b.append(math.log(2 * b)), d_over_b.append(float((d - d0).abs().max()) / b)
+            r_over_b.append(0.5 * RADIUS / b)
             checked += 1
     assert checked == 99  # constraints.json: 99 constrained tensors
+    bound = next(r["bound"] for r in json.loads((run / "wise.json").read_text()) if r["alpha"] == 0.5)
+    c, c_r = (math.fsum(log_2b) + math.log(math.fsum(x)) for x in (d_over_b, r_over_b))
+    assert bound["C"] == pytest.approx(c, rel=1e-9) and bound["C_radii"] == pytest.approx(c_r, rel=1e-9)
+    assert c <= c_r + 1e-4 and bound["holds"] is True
     import timm
 
     loaded = timm.create_model(f"local-dir:{run / 'export_wise_0.5'}", pretrained=True)

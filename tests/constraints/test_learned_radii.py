@@ -45,7 +45,10 @@ def _reference(cons, w0, grads, var, s: FtpConfig = SETTINGS):
     W = {n: w.clone() for n, w in w0.items()}
     denom = {c.name: torch.sqrt(var.double() + c.bn_eps) if c.role == "bn" else torch.ones(()) for c in cons}
     x0 = {c.name: w0[c.name] / denom[c.name] for c in cons}
-    gamma = {c.name: s.init_radius for c in cons}
+    # the radius' unit: 1 (reference), or the pretrained layer's MARS norm (max row L1; diagonal: max |x0|)
+    unit = {c.name: 1.0 if s.scale == "reference" else float(x0[c.name].abs().flatten(1).sum(1).max()
+            if c.kind == "rows" else x0[c.name].abs().max()) for c in cons}
+    gamma = {c.name: s.init_radius * unit[c.name] for c in cons}
     m = {c.name: 0.0 for c in cons}
     v = {c.name: 0.0 for c in cons}
     prev = {}
@@ -64,19 +67,20 @@ def _reference(cons, w0, grads, var, s: FtpConfig = SETTINGS):
             norms = (cdis.abs().flatten(1).sum(1, keepdim=True).view(-1, *[1] * (x.dim() - 1))
                      if c.kind == "rows" else cdis.abs()) + 1e-8
             if t == 1:
-                gamma[n] = s.init_radius
-            else:
-                gr = dots[n] * (s.k if dots[n] > 0 else 1.0)
+                gamma[n] = s.init_radius * unit[n]
+            else:  # Adam on rho = gamma / unit, whose gradient is unit * dL/dgamma
+                gr = dots[n] * (s.k if dots[n] > 0 else 1.0) * unit[n]
                 m[n] = s.beta1 * m[n] + (1 - s.beta1) * gr
                 v[n] = s.beta2 * v[n] + (1 - s.beta2) * gr * gr
                 mh, vh = m[n] / (1 - s.beta1 ** t), v[n] / (1 - s.beta2 ** t)
-                gamma[n] = min(max(gamma[n] - s.lr * mh / (math.sqrt(vh) + s.eps), 1e-8), float(norms.max()))
+                rho = gamma[n] / unit[n] - s.lr * mh / (math.sqrt(vh) + s.eps)
+                gamma[n] = min(max(rho * unit[n], 1e-8), float(norms.max()))
             W[n] = (x0[n] + torch.clamp(gamma[n] / norms, max=1.0) * cdis) * denom[n]
             prev[n] = cdis / norms
     return W, gamma
 
 
-def _run_packed(cons, w0, grads, cuts: int):
+def _run_packed(cons, w0, grads, cuts: int, settings: FtpConfig = SETTINGS):
     """LearnedRadii on float32 fragments; `cuts` > 1 splits every tensor into that many fragments at offsets that
     cut rows (simulated ranks in one layout: the partial sums meet in the same buffer the reduce would sum)."""
     ws_full = {n: w.float().clone().reshape(-1) for n, w in w0.items()}
@@ -88,7 +92,7 @@ def _run_packed(cons, w0, grads, cuts: int):
             piece = flat[a:b]
             frags.append(Fragment(c, piece, c.anchor_fragment(piece, a), a))
     packing = Packed(frags, average_running_vars=False)
-    learned = LearnedRadii(packing)
+    learned = LearnedRadii(packing, settings)
     ws = [f.w for f in frags]
     for g in grads:
         gs = [g[f.constraint.name].float().reshape(-1)[f.offset:f.offset + f.w.numel()] for f in frags]
@@ -98,15 +102,17 @@ def _run_packed(cons, w0, grads, cuts: int):
     return {n: w.view(w0[n].shape) for n, w in ws_full.items()}, dict(zip([c.name for c in cons], learned.radii()))
 
 
+@pytest.mark.parametrize("scale", ["reference", "layer"])
 @pytest.mark.parametrize("cuts", [1, 3])
-def test_learned_radii_match_float64_reference(cuts):
+def test_learned_radii_match_float64_reference(cuts, scale):
+    settings = FtpConfig(scale=scale)
     cons, w0, grads, var = _problem()
-    want_w, want_gamma = _reference(cons, w0, grads, var)
-    got_w, got_gamma = _run_packed(cons, w0, grads, cuts)
+    want_w, want_gamma = _reference(cons, w0, grads, var, settings)
+    got_w, got_gamma = _run_packed(cons, w0, grads, cuts, settings)
     for c in cons:
         if c.role != "head":
             assert got_gamma[c.name] == pytest.approx(want_gamma[c.name], rel=1e-6), c.name
-            assert want_gamma[c.name] > 10 * SETTINGS.init_radius, "the radius never grew: the test shows nothing"
+            assert want_gamma[c.name] > 10 * settings.init_radius, "the radius never grew: the test shows nothing"
         torch.testing.assert_close(got_w[c.name].double(), want_w[c.name], rtol=0, atol=1e-6, msg=c.name)
     # the bound holds for the final learned radii (MARS rows / elementwise), on the float32 weights
     for c in cons:
@@ -199,3 +205,50 @@ def test_resume_under_another_layout(how):
     assert max(diffs) < 1e-6, diffs
     for n in whole:
         torch.testing.assert_close(resumed[n], whole[n], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cuts", [1, 3])
+def test_layer_scale_init_and_first_step(cuts):
+    """constraint.ftp.scale 'layer': the first radius is init x ||W0||_MARS and the first Adam step moves it by
+    lr x ||W0||_MARS x f, per layer (f: Adam's first step at t = 2, as the reference counts the initialising update:
+    (b1 / (1 - b1^2)) / sqrt(b2' / (1 - b2^2)) with b1 = 1 - beta1, b2' = 1 - beta2), with ||W0||_MARS taken
+    independently from the pretrained float64 tensors (max row L1; diagonal layers max |w0|, BatchNorm in
+    effective-scale space); 'reference' moves every layer by the same absolute lr."""
+    cons, w0, grads, var = _problem()
+    mars = {}
+    for c in cons:
+        x0 = w0[c.name] / (torch.sqrt(var.double() + c.bn_eps) if c.role == "bn" else 1.0)
+        mars[c.name] = float(x0.abs().flatten(1).sum(1).max() if c.kind == "rows" else x0.abs().max())
+    assert max(mars.values()) / min(mars.values()) > 2, "layers of one size would not tell the units apart"
+    settings = FtpConfig(init_radius=1e-3, lr=1e-3)  # a step that stays far from the clips at both ends
+    for scale in ("layer", "reference"):
+        settings.scale = scale
+        seen = []
+        for steps in (1, 2):
+            _, gamma = _run_packed(cons, w0, grads[:steps], cuts, settings)
+            seen.append(gamma)
+        for c in cons:
+            if c.role == "head":
+                continue
+            u = mars[c.name] if scale == "layer" else 1.0
+            assert seen[0][c.name] == pytest.approx(1e-3 * u, rel=1e-6), (scale, c.name)
+            f = (0.1 / (1 - 0.9 ** 2)) / math.sqrt(0.001 / (1 - 0.999 ** 2))
+            assert abs(seen[1][c.name] - seen[0][c.name]) == pytest.approx(1e-3 * u * f, rel=1e-5), (scale, c.name)
+
+
+def test_scale_is_a_checked_setting():
+    """A bad `constraint.ftp.scale` names the key; radii learned in one unit are not resumed in the other (their
+    Adam moments are of another variable): a checkpoint from before the setting counts as 'reference'."""
+    from mars_dist import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="constraint.ftp.scale.*'relative'"):
+        config_mod.load(None, ["constraint.ftp.scale=relative"])
+    cons, w0, _, _ = _problem()
+    frags = [Fragment(c, w0[c.name].float().reshape(-1), c.anchor_fragment(w0[c.name].float().reshape(-1), 0), 0)
+             for c in cons]
+    layer, reference = (LearnedRadii(Packed(frags, average_running_vars=False), FtpConfig(scale=s))
+                        for s in ("layer", "reference"))
+    old = {k: v for k, v in reference.state_dict().items() if k not in ("scale", "unit")}
+    reference.load_state_dict(old)
+    with pytest.raises(ValueError, match="constraint.ftp.scale='reference'.*this run has 'layer'"):
+        layer.load_state_dict(old)

@@ -1,7 +1,8 @@
 """mars-ftp through the CLI, as a user runs it: one process and ZeRO-3 on 2 processes (accelerate launch, gloo, real
 DeepSpeed) give the same weights; the export keeps every learned layer within its final learned radius (checked here
 in float64 from the export and the pretrained weights, not with mars_dist's own measure); the radius series move in
-metrics.jsonl; a run resumed from a mid-run checkpoint ends bit-identical to the uninterrupted one (both settings)."""
+metrics.jsonl, starting at 1e-8 x the layer's pretrained ||W0||_MARS (constraint.ftp.scale: layer, the default); a run
+resumed from a mid-run checkpoint ends bit-identical to the uninterrupted one (both settings)."""
 
 from __future__ import annotations
 
@@ -79,7 +80,11 @@ def test_single_process_learns_radii_and_keeps_them(single):
     records = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
     key = "layers/blocks.6.0.conv_pwl.weight/radius"
     series = [r[key] for r in records if key in r]
-    assert len(series) == 6 and series[0] == pytest.approx(1e-8) and series[-1] > 10 * series[0], series
+    # constraint.ftp.scale: layer (the default): the first radius is 1e-8 x the layer's pretrained ||W0||_MARS,
+    # taken here from the bundled weights (max row L1 norm)
+    w0 = build_model("tf_efficientnet_lite0", "bundled", 10, source="timm").state_dict()["blocks.6.0.conv_pwl.weight"]
+    unit = float(w0.double().flatten(1).abs().sum(1).max())
+    assert len(series) == 6 and series[0] == pytest.approx(1e-8 * unit, rel=1e-5) and max(series) > 10 * series[0]
     moved = {k for r in records for k in r if k.endswith("/radius") and r[k] != records[0].get(k)}
     assert len(moved) >= 35, "the learned radius series should move for most of Lite0's 49 learned convolutions"
     assert _independent_bound_check(single) > 90  # Lite0: 49 learned convolutions, 49 BN scales fixed, the head
