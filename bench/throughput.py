@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = {"1proc": None, "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 VARIANTS = ("bare", "none", "mars-pgm")
 FEEDS = ("loader", "synthetic")
+OFF = "synthetic_projection_off"  # mars-pgm launches only: the same trainer with its projection hook removed
 
 
 class Synthetic:
@@ -61,9 +62,9 @@ class Synthetic:
         pass
 
 
-def schedule(epochs: int) -> list[str]:
+def schedule(epochs: int, feeds=FEEDS) -> list[str]:
     """Warm-up epoch of each feed, then `epochs` of each, alternating."""
-    return [f for _ in range(epochs + 1) for f in FEEDS]
+    return [f for _ in range(epochs + 1) for f in feeds]
 
 
 def summarise(times: dict[str, list[tuple[float, int]]]) -> dict:
@@ -99,12 +100,18 @@ def trainer_worker(args, method: str) -> dict:
     real = run.loaders["train"]
     x, y = next(iter(real))
     feeds = {"loader": real, "synthetic": Synthetic(x.clone(), y.clone(), len(real))}
-    plan, times = schedule(args.epochs), {f: [] for f in FEEDS}
-    epoch = run._epoch
+    names = FEEDS + ((OFF,) if method != "none" else ())  # paired in one process: the projection's own cost
+    feeds[OFF] = feeds["synthetic"]
+    plan, times = schedule(args.epochs, names), {f: [] for f in names}
+    epoch, hook = run._epoch, run.constrained.hook
 
     def timed_epoch() -> bool:
         feed = plan[len(sum(times.values(), []))]
         run.loaders["train"] = feeds[feed]
+        if feed == OFF:
+            hook.remove()
+        elif method != "none" and not hook._handles:  # on again: the hook as ProjectionHook registers it
+            hook._handles.append(run.constrained.backend.hook_optimizer().register_step_post_hook(hook._after_step))
         acc.wait_for_everyone()
         t0, s0 = time.perf_counter(), run.step
         done = epoch()
@@ -241,6 +248,10 @@ def ratios(rows: dict) -> dict:
         per_round = lambda a, b: [x[feed]["images_per_s"] / y[feed]["images_per_s"]  # noqa: E731
                                   for x, y in zip(rows[a], rows[b])]
         out[feed] = {"images_per_s": med}
+        if feed == "synthetic" and any(OFF in r for r in rows.get("mars-pgm", [])):
+            paired = [r["synthetic"]["images_per_s"] / r[OFF]["images_per_s"] for r in rows["mars-pgm"]]
+            out[feed]["pgm_on_vs_off_same_process"] = statistics.median(paired)
+            out[feed]["pgm_on_vs_off_per_round"] = paired
         if "none" in med and "bare" in med:
             out[feed]["none_vs_bare"] = med["none"] / med["bare"]
             out[feed]["none_vs_bare_per_round"] = per_round("none", "bare")
@@ -257,13 +268,14 @@ def driver(args) -> dict:
     raw = {s: {v: [] for v in VARIANTS} for s in args.settings}
     for r in range(args.rounds):
         for setting in args.settings:
-            order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotated: no variant always runs first / last
+            k = r % len(args.variants)
+            order = args.variants[k:] + args.variants[:k]  # rotated: no variant always runs first / last
             for variant in order:
                 got = launch(args, setting, variant)
                 raw[setting][variant].append(got)
                 print(f"round {r} {setting:6s} {variant:9s} " + "  ".join(
-                    f"{f} {got[f]['images_per_s']:7.1f} img/s" for f in FEEDS) + f"  ({got['launch_s']:.0f} s)",
-                    flush=True)
+                    f"{f} {got[f]['images_per_s']:7.1f} img/s" for f in (*FEEDS, OFF) if f in got)
+                    + f"  ({got['launch_s']:.0f} s)", flush=True)
     for setting in args.settings:
         result["settings"][setting] = {"runs": raw[setting], **ratios(raw[setting])}
     result["machine"]["load_average_end"] = list(os.getloadavg())
@@ -271,19 +283,22 @@ def driver(args) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"\n{'setting':8s}{'feed':11s}{'bare':>9s}{'none':>9s}{'pgm':>9s}{'none/bare':>11s}{'pgm/none':>10s}")
+    print(f"\n{'setting':8s}{'feed':11s}{'bare':>9s}{'none':>9s}{'pgm':>9s}{'none/bare':>11s}{'pgm/none':>10s}"
+          f"{'pgm on/off, same process':>26s}")
     for setting, got in result["settings"].items():
         for feed in FEEDS:
             g = got[feed]
             ips = g["images_per_s"]
             print(f"{setting:8s}{feed:11s}" + "".join(f"{ips.get(v, float('nan')):9.1f}" for v in VARIANTS)
-                  + f"{g.get('none_vs_bare', float('nan')):11.3f}{g.get('pgm_vs_none', float('nan')):10.3f}")
+                  + f"{g.get('none_vs_bare', float('nan')):11.3f}{g.get('pgm_vs_none', float('nan')):10.3f}"
+                  + f"{g.get('pgm_on_vs_off_same_process', float('nan')):26.3f}")
     print("targets: none/bare >= 0.95 where data loading keeps up; pgm/none >= 0.97")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--pretrained", default="bundled", help="the trainer's model.pretrained (bundled: Lite0 only; "
