@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 SETTINGS = {"1proc": None, "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 VARIANTS = ("bare", "none", "mars-pgm")
 FEEDS = ("loader", "synthetic")
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 OFF = "synthetic_projection_off"  # mars-pgm launches only: the same trainer with its projection hook removed
 
 
@@ -228,8 +229,10 @@ def launch(args, setting: str, variant: str) -> dict:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(ROOT / "launch/accelerate" / SETTINGS[setting]), "--num_processes", "2",
                    "--main_process_port", str(free_port()), *cmd[1:]]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled",
-               "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        # a caller's process group (device_check's ZeRO parts) must not leak into a one-process launch
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        env.update(OMP_NUM_THREADS=str(args.threads), WANDB_MODE="disabled",
+                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         if not torch.cuda.is_available():
             env["DS_ACCELERATOR"] = "cpu"
         t0 = time.perf_counter()
