@@ -9,6 +9,10 @@
 3. DeepSpeed ZeRO-3, world size 1 over NCCL, bf16: the hooked projection keeps every layer within its radius on the
    fp32 master and within bf16 rounding in forward (skipped, with the reason, where deepspeed is not importable);
    the same with ZeRO-Offload (fp32 masters on the CPU, forward weights on the device): forward == bf16(master).
+4. End-to-end images/s on 1 GPU (bench/throughput.py's launches, ViT-B bf16 at 224 px, workers auto, random init):
+   the bare timm + torch loop, the trainer with method none and with mars-pgm, each with data loading included
+   (the trainer's loader) and excluded (one batch in memory); the data pipeline's own images/s (the loader alone);
+   the ratios none / bare and mars-pgm / none, and the projection's share of an update from them.
 Each part records its result or the reason it was skipped; nothing here needs the network.
 """
 
@@ -151,6 +155,25 @@ def zero3_bf16(device, offload: bool = False) -> dict:
     return out
 
 
+def end_to_end(cuda: bool) -> dict:
+    """bench/throughput.py's three launches in one process each (one round; GPU: ViT-B bf16 224 px batch 64;
+    --cpu: ViT-Ti bf16 224 px batch 4, 20 images: the same code at small sizes; a ViT takes its own size only)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import throughput as tp
+
+    args = argparse.Namespace(model="vit_base_patch16_224" if cuda else "vit_tiny_patch16_224", pretrained="none",
+                              data="fashion-mnist", image_size=224, batch=64 if cuda else 4,
+                              per_class=100 if cuda else 2, epochs=2 if cuda else 1, precision="bf16", threads=1,
+                              timeout=150 if cuda else 400)
+    runs = {v: tp.launch(args, "1proc", v) for v in tp.VARIANTS}
+    got = tp.ratios({v: [r] for v, r in runs.items()})
+    for feed in tp.FEEDS:  # what mars-pgm adds per update, as a share of the update with it (none -> pgm)
+        ips = got[feed]["images_per_s"]
+        got[feed]["projection_share_of_update"] = 1 - ips["mars-pgm"] / ips["none"]
+    return {"args": {k: v for k, v in vars(args).items()}, **got, "runs": runs,
+            "loader_alone_images_per_s": runs["none"].get("loader_alone_images_per_s")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -166,7 +189,8 @@ def main() -> None:
              **{f"share_{m}": (lambda m=m, b=b, i=i: projection_share(m, device, b, i, 5 if cuda else 1))
                 for m, b, i in models},
              "zero3_bf16_world1": lambda: zero3_bf16(device),
-             "zero3_offload_bf16_world1": lambda: zero3_bf16(device, offload=True)}
+             "zero3_offload_bf16_world1": lambda: zero3_bf16(device, offload=True),
+             "end_to_end_1gpu" if cuda else "end_to_end_cpu": lambda: end_to_end(cuda)}
     for key, fn in parts.items():
         t0 = time.perf_counter()
         try:

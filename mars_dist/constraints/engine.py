@@ -61,18 +61,20 @@ def row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[
 
     The projection's case (l1 only) reads each row once with the fused kernel, where the row lies when it can
     (constraints/segments.py); telemetry and penalties (several sums) compute D = W - W0 once per segment."""
-    out = [torch.zeros(p.num_rows, device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
     p.bind(ws)
-    vals = [torch.empty(p.block_rows.numel(), device=p.device) for _ in out]  # in block_rows order
-    for ch, sg in p.all_segments()[0]:
-        w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
-        a = ch.anchor[sg.start:sg.stop]
-        rows = slice(ch.base + sg.start, ch.base + sg.stop)
+    pairs, _ = p.all_segments()
+    vals = [torch.empty(p.block_rows.numel(), device=p.device) for _ in range(int(of_w) + int(l1) + int(sq))]
+    for ch, sg in pairs:  # vals: in block_rows order
         if l1 and not (sq or of_w):
-            vals[0][rows] = row_l1(w, a, p.compiled)
+            if sg.view is not None:
+                row_l1(sg.view, sg.anchor, p.compiled, out=vals[0][sg.rows])
+            else:  # the gathered copy is scratch: the deviation may overwrite it
+                row_l1(gathered(sg, p.gather_scratch, ch.length), sg.anchor, p.compiled, out=vals[0][sg.rows],
+                       scratch=True)
             continue
+        w = sg.view if sg.view is not None else gathered(sg, p.gather_scratch, ch.length)
         got = [w.abs().sum(1)] if of_w else []
-        d = w - a
+        d = w - sg.anchor
         if sq:
             sq_vals = torch.linalg.vector_norm(d, 2, dim=1).square()
         if l1:
@@ -80,9 +82,11 @@ def row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[
         if sq:
             got.append(sq_vals)
         for v, g in zip(vals, got):
-            v[rows] = g
-    for o, v in zip(out, vals):
-        o.index_add_(0, p.block_rows, v)
+            v[sg.rows] = g
+    if p.rows_in_order:  # every global row is one block row, in order: no scatter
+        out = vals
+    else:
+        out = [torch.zeros(p.num_rows, device=p.device).index_add_(0, p.block_rows, v) for v in vals]
     if p.pieces:
         raw = torch.cat(p.piece_views(ws))
         d = raw - p.piece_anchor
@@ -130,18 +134,18 @@ def rescale_rows(p: Packed, ws, scale: torch.Tensor) -> None:
     p.bind(ws)
     pairs, lengths = p.all_segments()
     if pairs:
-        s_all = scale.index_select(0, p.block_rows).unsqueeze(1)
+        s_all = (scale if p.rows_in_order else scale.index_select(0, p.block_rows)).unsqueeze(1)
         hit = torch.segment_reduce(s_all.view(-1), "min", lengths=lengths).lt(1).tolist()
         for (ch, sg), h in zip(pairs, hit):
             if not h:
                 continue
-            s, a = s_all[ch.base + sg.start:ch.base + sg.stop], ch.anchor[sg.start:sg.stop]
+            s = s_all[sg.rows]
             if sg.view is not None:
-                rescale_(sg.view, a, s)
+                rescale_(sg.view, sg.anchor, s)
             else:
                 m = gathered(sg, p.gather_scratch, ch.length)
-                rescale_(m, a, s)
-                torch._foreach_copy_(sg.blocks, list(m.split([b.shape[0] for b in sg.blocks])))
+                rescale_(m, sg.anchor, s)
+                torch._foreach_copy_(sg.blocks, m.split(sg.sizes))
     if p.pieces:
         lengths = p.piece_lengths.tolist()
         views = p.piece_views(ws)
@@ -153,10 +157,16 @@ def clip_diag(p: Packed, ws, radius: torch.Tensor | None = None) -> int:
     """Diagonal layers: each element (BatchNorm: its effective scale) clipped to within radius of its anchor
     (`radius` per local diagonal element; default: the constraints' fixed radii)."""
     radius = p.diag_radius() if radius is None else radius
-    if not p.diag or not bool(torch.isfinite(radius).any()):
+    if not p.diag:
+        return 0
+    hit = getattr(p, "_diag_bounds", None)  # the fixed radii come back as the same tensor while unchanged
+    if hit is None or hit[0] is not radius:
+        finite = bool(torch.isfinite(radius).any())
+        hit = p._diag_bounds = (radius, finite, p.diag_anchor - radius, p.diag_anchor + radius)
+    _, finite, lo, hi = hit
+    if not finite:
         return 0
     w, d, denom = p.diag_values(ws)
-    lo, hi = p.diag_anchor - radius, p.diag_anchor + radius
     over = (d < lo) | (d > hi)
     count = int(over.sum())
     if count:

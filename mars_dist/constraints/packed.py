@@ -140,6 +140,10 @@ class Packed(BoundViews):
         self.block_rows = torch.cat([ch.rows for ch in self.chunks]) if self.chunks else \
             torch.zeros(0, dtype=torch.long, device=dev)
         """The global row of every row of every chunk, chunk after chunk (each row once per rank)."""
+        self.rows_in_order = self.block_rows.numel() == total and bool(
+            torch.equal(self.block_rows, torch.arange(total, device=dev)))
+        """Whether block order IS the global row order (e.g. ZeRO-3 layers of one row length in parameter order):
+        then the per-update scatter of row sums into global order and the gather of scales back are skipped."""
         self.pieces = pieces
         self.piece_rows = torch.tensor(piece_rows, dtype=torch.long, device=dev)
         self.piece_lengths = torch.tensor([b - a for _, a, b in pieces], dtype=torch.long, device=dev)
@@ -245,16 +249,28 @@ class Packed(BoundViews):
                                                    if self.cons[self.con_of[i]].role == "bn" else 0.0)
                                         for i in self.diag]).to(self.device)
             self._diag_ones = torch.ones(max(self.numels[i] for i in self.diag), device=self.device)
-        parts = []  # the live running variances (they change during training), one cat and one sqrt for all
+        denom = torch.cat(self._diag_denominator_parts()).add_(self._diag_eps).sqrt_()
+        return w, w / denom, denom
+
+    def _diag_denominator_parts(self) -> list[torch.Tensor]:
+        """Per diagonal fragment: its slice of the live BatchNorm running variance (they change during training:
+        read at every call, through views cached once where they are views), ones elsewhere."""
+        key = tuple(v.data_ptr() for v in self.bn_vars)
+        hit = getattr(self, "_diag_parts", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        parts, live = [], True
         for i in self.diag:
             c, n = self.cons[self.con_of[i]], self.numels[i]
             if c.role == "bn":
-                parts.append(c.running_var.detach().reshape(-1)[self.offsets[i]:self.offsets[i] + n]
-                             .to(self.device, torch.float32))
+                v = c.running_var.detach().reshape(-1)[self.offsets[i]:self.offsets[i] + n]
+                live &= v.dtype == torch.float32 and v.device == self.device  # else .to() copies: not cacheable
+                parts.append(v.to(self.device, torch.float32))
             else:
                 parts.append(self._diag_ones[:n])
-        denom = torch.cat(parts).add_(self._diag_eps).sqrt_()
-        return w, w / denom, denom
+        if live:
+            self._diag_parts = (key, parts)
+        return parts
 
     def running_vars(self) -> torch.Tensor:
         if not (self.average_running_vars and self.bn_vars):

@@ -29,6 +29,11 @@ class Segment:
     stop: int
     view: torch.Tensor | None        # (rows, L) view of the master memory, or None: gathered
     blocks: list[torch.Tensor]       # gathered: the blocks' (rows, L) views, in chunk order
+    # set by BoundViews.all_segments, once per layout and memory (a view op costs ~1 us; Lite0 has ~30 segments
+    # and the per-update work on its small tensors is only a few hundred us):
+    anchor: torch.Tensor | None = None   # the chunk's anchor rows of this segment
+    rows: slice | None = None            # this segment's rows in `block_rows` order
+    sizes: list[int] | None = None       # gathered: the blocks' row counts (to split the scratch back)
 
 
 def _adjacent(prev: torch.Tensor, nxt: torch.Tensor) -> bool:
@@ -131,6 +136,9 @@ class BoundViews:
         hit = self._views.get("all")
         if hit is None:
             pairs = [(ch, sg) for ch in self.chunks for sg in self.segments(ch)]
+            for ch, sg in pairs:
+                sg.anchor, sg.rows = ch.anchor[sg.start:sg.stop], slice(ch.base + sg.start, ch.base + sg.stop)
+                sg.sizes = [b.shape[0] for b in sg.blocks]
             lengths = torch.tensor([sg.stop - sg.start for _, sg in pairs], dtype=torch.long, device=self.device)
             hit = self._views["all"] = (pairs, lengths)
         return hit
