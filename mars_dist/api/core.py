@@ -22,7 +22,7 @@ from torch import nn
 
 from mars_dist.api import guards
 from mars_dist.api import wiring
-from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup
+from mars_dist.config import ConstraintConfig, DeltaConfig, FtpConfig, RadiusGroup
 
 STATE_VERSION = 1
 
@@ -89,8 +89,10 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
         guards.check_deepspeed_optimizer(optimizer, engine)
         guards.check_low_precision_masters(engine, pretrained)
     head = list(head) if head else wiring.find_head(module)
+    # DELTA's head term beta/2 ||W||^2 is the L2 penalty head_penalty ||W||^2 (no 1/2) with head_penalty = beta/2
+    head_penalty = cfg.delta.beta / 2 if cfg.method == "delta" else cfg.head_penalty
     constraints = select_constraints(module, head, cfg.method, cfg.radius, cfg.head_radius, cfg.penalty,
-                                     cfg.head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
+                                     head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
                                      cfg.norm_layers, cfg.embeddings, cfg.bn_eps)
     if pretrained is not None:
         if engine is not None:
@@ -223,4 +225,6 @@ def _config(config: ConstraintConfig | None, settings: dict) -> ConstraintConfig
                               else RadiusGroup(*g) for g in settings["groups"]]
     if isinstance(settings.get("ftp"), dict):
         settings["ftp"] = FtpConfig(**settings["ftp"])
+    if isinstance(settings.get("delta"), dict):
+        settings["delta"] = DeltaConfig(**settings["delta"])
     return dataclasses.replace(config or ConstraintConfig(), **settings)

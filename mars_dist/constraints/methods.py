@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 class Method:
     name: str
     action: str
-    """'project' (into the ball after every update), 'penalty' (a gradient before it) or 'none'."""
+    """'project' (into the ball after every update), 'penalty' (a gradient before it), 'loss' (a term of the
+    training loss, mars_dist/run/delta.py; its layers are measured only) or 'none'."""
     norm: str
     """'mars' (maximum absolute row sum) or 'l2' (Frobenius)."""
     card: str
@@ -20,7 +21,10 @@ class Method:
     learned: bool = False
     """The backbone's radii are learned during the run (the head and BatchNorm scales keep fixed ones)."""
     search: dict[str, str] = field(default_factory=dict)
-    """Sweep: config key under `constraint.` -> the `sweep.` range it is drawn from (log-uniform)."""
+    """Sweep: config key under `constraint.` (dotted for a sub-section) -> the `sweep.` range it is drawn from
+    (log-uniform)."""
+    head_action: str | None = None
+    """The head's action when it differs from the layers' (DELTA: an L2 penalty on the head)."""
 
 
 _RADII = {"radius": "radius_range", "head_radius": "head_radius_range"}
@@ -39,8 +43,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mars-ftp", "project", "mars", "MARS-FTP: as MARS-PGM, with one radius per layer learned during the "
            "fine-tune (Fast Trainable Projection, Tian et al., NeurIPS 2023); the head and BatchNorm scales keep "
            "fixed radii", learned=True, search={"head_radius": "head_radius_range"}),  # backbone radii: learned
+    Method("delta", "loss", "l2", "DELTA: the feature maps of chosen layers kept near the pretrained model's, "
+           "weighted per channel by attention measured on the pretrained model, plus an L2 penalty on the head (Li "
+           "et al., ICLR 2019)", search={"delta.alpha": "delta_alpha_range", "delta.beta": "delta_beta_range"},
+           head_action="penalty"),
     Method("none", "none", "mars", "plain fine-tuning (no constraint; distances are reported for reference)"),
 )}
+
+
+def layer_action(m: Method, role: str) -> str:
+    """What is done to one layer of `role` under method `m`: a loss method leaves the weights to the loss."""
+    if role == "head" and m.head_action:
+        return m.head_action
+    return "none" if m.action == "loss" else m.action
 
 
 def method(name: str) -> Method:
