@@ -50,7 +50,12 @@ def run_trial(cfg: config_mod.Config, values: dict, trial_dir: Path, launcher: l
     """Run one fine-tune with `values` in a subprocess; return its summary.json."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     data = config_mod.to_dict(cfg)
-    data["constraint"].update(values)
+    for key, value in values.items():  # "delta.alpha": a key of the constraint's sub-section
+        *path, last = key.split(".")
+        section = data["constraint"]
+        for part in path:
+            section = section[part]
+        section[last] = value
     data["output_dir"] = str(trial_dir)
     data["resume"] = "auto"  # a trial interrupted mid-way continues from its own checkpoint
     data["tracking"]["run_name"] = trial_dir.name

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import time
 
 import torch
 from torch import nn
@@ -170,10 +171,12 @@ def build_regulariser(run):
     images = torch.stack([x for x, _ in items]).to(acc.device, cast)
     labels = torch.tensor([y for _, y in items])
     head = source.module.get_submodule(classifier_module_names(source.module)[0])
+    start = time.perf_counter()
     attention = measure_attention(source.forward, source_tap, head, images, labels, run.num_classes,
                                   d.attention_rows, d.temperature)
     acc.print(f"DELTA: source model {source.placement} ({source.local_bytes / 2**20:.1f} MiB of parameters on this "
-              f"rank); feature layers {', '.join(layers)}; attention from {len(items)} images")
+              f"rank); feature layers {', '.join(layers)}; attention from {len(items)} images in "
+              f"{time.perf_counter() - start:.1f} s")
     if acc.is_main_process:
         (run.out / "delta_attention.json").write_text(json.dumps(
             {"layers": layers, "attention": [a.tolist() for a in attention]}))
