@@ -68,7 +68,8 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     update. model: what prepare returned (the DeepSpeedEngine under DeepSpeed, the DDP / FSDP2 module, or the
     plain model). optimizer: the one prepare returned or the torch optimizer given to it.
     config / settings: a `ConstraintConfig`, and/or its fields as keywords (method, radius, head_radius, penalty,
-    head_penalty, groups=[(pattern, radius), ...], norm_layers, embeddings, bn_eps, ftp=FtpConfig or dict, mode).
+    head_penalty, groups=[(pattern, radius), ...], norm_layers, embeddings, bn_eps, ftp=FtpConfig or dict, mode,
+    delta=DeltaConfig or dict: method "delta" takes its head penalty beta/2 from it; its loss term is run/delta.py).
     accelerator: picks the backend accelerate prepared, and registers the handle's state for save_state /
     load_state (so attach before `load_state` when resuming). pretrained: from `capture_pretrained`; required
     under DeepSpeed bf16/fp16, otherwise it adds the check that the weights are still the pretrained ones.
