@@ -62,9 +62,11 @@ def main() -> None:
         # max RSS of children is a high-water mark over all of them: the smaller run (none) goes first
         for method in ("none", "delta"):
             results.append(run(Path(tmp) / method, method, args))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # kept if a later run is cut short
         if args.zero3:
             for method in ("none", "delta"):
                 results.append(run(Path(tmp) / f"z3_{method}", method, args, "zero3.yaml"))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                       "args": vars(args), "results": results}, indent=1))
 

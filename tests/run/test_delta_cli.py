@@ -27,7 +27,10 @@ def models(tmp_path_factory):
     """Per model: its overrides and its one-process run (micro-batch 8 = 2 processes x 4), checkpointed at 2."""
     root = tmp_path_factory.mktemp("delta")
     out = {}
-    for kind, model in (("lite0", []), ("vit", write_hf_model(root / "vit", "vit"))):
+    # Lite0: two early stages (64 channels) instead of the automatic last four (496): the attention measurement is a
+    # forward per channel group, the largest cost of these runs (the automatic choice: test_delta_math.py)
+    lite0 = ["constraint.delta.layers=[blocks.1, blocks.2]"]
+    for kind, model in (("lite0", lite0), ("vit", write_hf_model(root / "vit", "vit"))):
         single = root / f"{kind}_single"
         run_cli(single, SMALL + model + ["train.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5"])
         out[kind] = (model, single)
