@@ -122,6 +122,27 @@ class SpdConfig:
 
 
 @dataclass
+class DeltaConfig:
+    """`constraint.method: delta` (docs/constraints.md, 'DELTA'): the loss adds
+    alpha * mean over the batch of sum_j 1/2 sum_c C_j a_jc ||FM_jc - FM0_jc||^2 / N_j  +  beta * 1/2 ||W_head||^2."""
+    alpha: float = 0.64
+    """Weight of the feature-map term. Averaged over the micro-batch here, summed in the reference: its alpha = 0.01
+    at batch 64 is 0.64 here."""
+    beta: float = 0.01
+    """Weight of the head's L2 penalty 1/2 ||W_head||^2 (the reference's default; head weights, not its bias)."""
+    layers: list[str] = field(default_factory=list)
+    """fnmatch patterns on module names (e.g. 'blocks.6', 'hf_model.vit.encoder.layer.*') whose outputs are the
+    feature maps; empty = automatic: the last 4 stage outputs (timm `feature_info`, a HF model's encoder blocks)."""
+    attention_samples: int = 64
+    """Training images (the first of the seeded split, evaluation transforms) the channel attention is measured on
+    (the reference: 4 batches of 32)."""
+    attention_rows: int = 256
+    """Images per forward while measuring the attention (several masked channels share one forward)."""
+    temperature: float = 5.0
+    """Softmax temperature of the attention over the standardised loss increases (the reference: 5)."""
+
+
+@dataclass
 class ConstraintConfig:
     method: str = "mars-pgm"
     """'mars-pgm', 'l2-pgm', 'mars-sp', 'l2-sp', 'mars-ftp' (per-layer radii learned during training, docs/
@@ -146,6 +167,8 @@ class ConstraintConfig:
     """mars-ftp only: the radii's optimizer; `radius` is then unused (head_radius still bounds the head)."""
     spd: SpdConfig = field(default_factory=SpdConfig)
     """spd / mars-spd only: the decay strength; `radius` and `head_radius` are then unused."""
+    delta: DeltaConfig = field(default_factory=DeltaConfig)
+    """method 'delta' only: its weights, layers and attention measurement."""
     mode: str = "sharded"
     """'sharded' (project fp32 master fragments in place, one all-reduce) or 'gather' (reference: gather each
     full parameter, project, write back; only for comparison)."""
@@ -234,7 +257,7 @@ class EmaConfig:
 RESUME_MATH_KEYS = ("model.name", "model.source", "model.pretrained", "constraint.method", "constraint.radius",
                     "constraint.head_radius", "constraint.groups", "constraint.penalty", "constraint.head_penalty",
                     "constraint.norm_layers", "constraint.embeddings", "constraint.bn_eps", "constraint.ftp",
-                    "constraint.spd", "train.optimizer",
+                    "constraint.spd", "constraint.delta", "train.optimizer",
                     "train.lr", "train.momentum", "train.amsgrad", "train.weight_decay", "train.scheduler",
                     "train.warmup_steps", "train.step_size", "train.step_size_epochs", "train.step_gamma",
                     "train.max_steps", "train.epochs", "train.linear_probe_steps", "seed", "model.drop_path_rate",
@@ -260,6 +283,11 @@ class SweepConfig:
     """Log-uniform range of constraint.radius (the reference: e^0.5 .. e^3.5)."""
     head_radius_range: list[float] = field(default_factory=lambda: [1.6487, 33.115])
     penalty_range: list[float] = field(default_factory=lambda: [4.54e-05, 0.3679])
+    delta_alpha_range: list[float] = field(default_factory=lambda: [0.064, 6.4])
+    """Log-uniform range of constraint.delta.alpha: a decade either side of the reference's 0.01 and 0.1 (batch
+    64, summed) = 0.64 and 6.4 here."""
+    delta_beta_range: list[float] = field(default_factory=lambda: [0.001, 0.1])
+    """Log-uniform range of constraint.delta.beta, a decade either side of the reference's 0.01."""
     """Log-uniform range of constraint.penalty and head_penalty (the reference: e^-10 .. e^-1)."""
     spd_strength_range: list[float] = field(default_factory=lambda: [0.01, 1.0])
     """Log-uniform range of constraint.spd.strength (spd / mars-spd): up to 1, where a selected layer is pulled
@@ -308,9 +336,10 @@ POSITIVE = {"constraint.radius", "constraint.head_radius", "data.image_size", "t
             "data.prefetch_factor", "data.cache_max_bytes",
             "checkpoint.every_steps", "checkpoint.keep_last", "train.grad_clip", "sweep.trials",
             "train.step_size_epochs", "train.collective_timeout_s", "constraint.ftp.lr", "constraint.ftp.eps",
-            "constraint.ftp.init_radius"}
+            "constraint.ftp.init_radius", "constraint.delta.attention_samples", "constraint.delta.attention_rows",
+            "constraint.delta.temperature"}
 NON_NEGATIVE = {"constraint.penalty", "constraint.head_penalty", "train.weight_decay", "train.warmup_steps",
-                "data.val_fraction", "train.momentum", "constraint.ftp.k",
+                "data.val_fraction", "train.momentum", "constraint.ftp.k", "constraint.delta.alpha", "constraint.delta.beta",
                 "model.drop_path_rate", "data.reprob", "data.mixup", "data.cutmix", "train.label_smoothing",
                 "train.linear_probe_steps", "constraint.spd.strength"}
 
@@ -423,7 +452,8 @@ def validate(cfg: Config, source: str = "config") -> Config:
         beta = getattr(cfg.constraint.ftp, key)
         if not 0 <= beta < 1:
             raise ConfigError(f"{source}: 'constraint.ftp.{key}' = {beta!r} must be in [0, 1)")
-    for key in ("radius_range", "head_radius_range", "penalty_range", "spd_strength_range"):
+    for key in ("radius_range", "head_radius_range", "penalty_range", "spd_strength_range", "delta_alpha_range",
+                "delta_beta_range"):
         lo_hi = getattr(cfg.sweep, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             raise ConfigError(f"{source}: 'sweep.{key}' = {lo_hi!r} must be [low, high] with 0 < low <= high")

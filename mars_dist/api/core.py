@@ -22,7 +22,7 @@ from torch import nn
 
 from mars_dist.api import guards
 from mars_dist.api import wiring
-from mars_dist.config import ConstraintConfig, FtpConfig, RadiusGroup, SpdConfig
+from mars_dist.config import ConstraintConfig, DeltaConfig, FtpConfig, RadiusGroup, SpdConfig
 
 STATE_VERSION = 1
 
@@ -69,7 +69,8 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
     plain model). optimizer: the one prepare returned or the torch optimizer given to it.
     config / settings: a `ConstraintConfig`, and/or its fields as keywords (method, radius, head_radius, penalty,
     head_penalty, groups=[(pattern, radius), ...], norm_layers, embeddings, bn_eps, ftp=FtpConfig or dict,
-    spd=SpdConfig or dict, mode).
+    spd=SpdConfig or dict, mode, delta=DeltaConfig or dict: method "delta" takes its head penalty beta/2 from it;
+    its loss term is run/delta.py).
     accelerator: picks the backend accelerate prepared, and registers the handle's state for save_state /
     load_state (so attach before `load_state` when resuming). pretrained: from `capture_pretrained`; required
     under DeepSpeed bf16/fp16, otherwise it adds the check that the weights are still the pretrained ones.
@@ -90,8 +91,10 @@ def attach(model: nn.Module, optimizer, config: ConstraintConfig | None = None, 
         guards.check_deepspeed_optimizer(optimizer, engine)
         guards.check_low_precision_masters(engine, pretrained)
     head = list(head) if head else wiring.find_head(module)
+    # DELTA's head term beta/2 ||W||^2 is the L2 penalty head_penalty ||W||^2 (no 1/2) with head_penalty = beta/2
+    head_penalty = cfg.delta.beta / 2 if cfg.method == "delta" else cfg.head_penalty
     constraints = select_constraints(module, head, cfg.method, cfg.radius, cfg.head_radius, cfg.penalty,
-                                     cfg.head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
+                                     head_penalty, [(g.pattern, g.radius) for g in cfg.groups],
                                      cfg.norm_layers, cfg.embeddings, cfg.bn_eps)
     if pretrained is not None:
         if engine is not None:
@@ -226,4 +229,6 @@ def _config(config: ConstraintConfig | None, settings: dict) -> ConstraintConfig
         settings["ftp"] = FtpConfig(**settings["ftp"])
     if isinstance(settings.get("spd"), dict):
         settings["spd"] = SpdConfig(**settings["spd"])
+    if isinstance(settings.get("delta"), dict):
+        settings["delta"] = DeltaConfig(**settings["delta"])
     return dataclasses.replace(config or ConstraintConfig(), **settings)

@@ -13,7 +13,8 @@ class Method:
     name: str
     action: str
     """'project' (into the ball after every update), 'penalty' (a gradient before it), 'decay' (a selective pull
-    toward the pretrained weights after every update: SPD) or 'none'."""
+    toward the pretrained weights after every update: SPD), 'loss' (a term of the training loss,
+    mars_dist/run/delta.py; its layers are measured only) or 'none'."""
     norm: str
     """'mars' (maximum absolute row sum) or 'l2' (Frobenius)."""
     card: str
@@ -21,7 +22,10 @@ class Method:
     learned: bool = False
     """The backbone's radii are learned during the run (the head and BatchNorm scales keep fixed ones)."""
     search: dict[str, str] = field(default_factory=dict)
-    """Sweep: config key under `constraint.` -> the `sweep.` range it is drawn from (log-uniform)."""
+    """Sweep: config key under `constraint.` (dotted for a sub-section) -> the `sweep.` range it is drawn from
+    (log-uniform)."""
+    head_action: str | None = None
+    """The head's action when it differs from the layers' (DELTA: an L2 penalty on the head)."""
 
 
 _RADII = {"radius": "radius_range", "head_radius": "head_radius_range"}
@@ -46,8 +50,19 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "Projection Decay, Tian, Huang, Kira, NeurIPS 2024); the new head toward zero", search=_SPD),
     Method("mars-spd", "decay", "mars", "MARS-SPD: SPD with the growth ratio measured in the MARS norm (maximum "
            "absolute row sum) instead of the Frobenius norm", search=_SPD),
+    Method("delta", "loss", "l2", "DELTA: the feature maps of chosen layers kept near the pretrained model's, "
+           "weighted per channel by attention measured on the pretrained model, plus an L2 penalty on the head (Li "
+           "et al., ICLR 2019)", search={"delta.alpha": "delta_alpha_range", "delta.beta": "delta_beta_range"},
+           head_action="penalty"),
     Method("none", "none", "mars", "plain fine-tuning (no constraint; distances are reported for reference)"),
 )}
+
+
+def layer_action(m: Method, role: str) -> str:
+    """What is done to one layer of `role` under method `m`: a loss method leaves the weights to the loss."""
+    if role == "head" and m.head_action:
+        return m.head_action
+    return "none" if m.action == "loss" else m.action
 
 
 def method(name: str) -> Method:

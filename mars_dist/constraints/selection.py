@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from mars_dist.constraints.methods import layer_action
 from mars_dist.constraints.methods import method as method_named
 from mars_dist.constraints.rules import Constraint
 
@@ -51,7 +52,7 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
     Method "none" still returns every layer (action "none") so plain fine-tuning is measured the same way.
     """
     declared = method_named(method)
-    action, norm = declared.action, declared.norm
+    norm = declared.norm
     if not head_modules:
         raise ValueError("no classifier head module given: the head must be constrained around zero")
     roles: dict[str, tuple[str, nn.Module]] = {}
@@ -90,7 +91,8 @@ def select_constraints(model: nn.Module, head_modules: Sequence[str], method: st
         if math.prod(shape) == 0:
             raise ValueError(f"parameter {name!r} has shape {shape} (no elements): nothing to constrain; a model "
                              f"partitioned by ZeRO-3 must carry its full shape in `ds_shape`")
-        c = Constraint(name=name, shape=shape, role=role, action=action, norm=norm, radius=float(r),
+        c = Constraint(name=name, shape=shape, role=role, action=layer_action(declared, role), norm=norm,
+                       radius=float(r),
                        weight=head_penalty if role == "head" else penalty, bn_eps=bn_eps, learned=learned)
         if role == "bn":
             if module.running_var is None:

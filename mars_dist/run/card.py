@@ -53,6 +53,9 @@ def radii_text(cfg: Config, run_dir: Path | None) -> str:
     c = cfg.constraint
     if c.method == "none":
         return "none (unconstrained)"
+    if c.method == "delta":
+        return (f"DELTA weights: features alpha {c.delta.alpha:g}, head beta {c.delta.beta:g} (a loss term: no "
+                f"radii; the channel attention is in delta_attention.json)")
     if METHODS[c.method].action == "penalty":
         return f"penalty weights: backbone {c.penalty:g}, head {c.head_penalty:g} (no radii: a penalty method)"
     if METHODS[c.method].action == "decay":

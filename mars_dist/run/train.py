@@ -31,6 +31,7 @@ from mars_dist.run.ema import build_ema
 from mars_dist.run.lpft import LinearProbe
 from mars_dist.run.loop import (EXIT_PREEMPTED, Preempted, StopFlag, TrainingDiverged, evaluate, set_train_mode,
                                 updates_per_epoch)
+from mars_dist.run.delta import build_regulariser
 from mars_dist.run.loss import build_loss
 from mars_dist.run.optim import build_optimizer, build_scheduler
 from mars_dist.run.resume import ResumePlan
@@ -145,6 +146,7 @@ class FineTune:
                                   head=self.head)
         del pretrained
         self.ema = build_ema(cfg, self.constrained, acc.print)  # hooked after the projection; None when off
+        self.regulariser = build_regulariser(self)  # a loss term (DELTA) or none
         # frozen statistics never differ across ranks: no need to average them in the collective
         self.constrained.backend.sync_batchnorm_statistics(cfg.train.bn_mode == "train")
         self.identity = {"model": cfg.model.name, "pretrained": cfg.model.pretrained,
@@ -222,7 +224,8 @@ class FineTune:
         acc = self.accelerator
         with acc.accumulate(self.net):
             x, target = self.criterion.mix(x, y)
-            loss = self.criterion(self.net(self.to_model(x)).float(), target)
+            inputs = self.to_model(x)
+            loss = self.criterion(self.net(inputs).float(), target) + self.regulariser(inputs)
             if not torch.isfinite(acc.reduce(loss.detach(), "sum")):
                 raise TrainingDiverged(f"loss is {float(loss.detach())} at update {self.step} (epoch {self.epoch}); "
                                        f"stopped, the last checkpoint in {ckpt.checkpoint_root(self.out)} is intact")
@@ -260,7 +263,8 @@ class FineTune:
         hook = self.constrained.hook
         metrics = {"train/loss": float(loss), "train/lr": max(self.scheduler.get_last_lr()),  # the head's lr
                    "train/images_per_s": self.samples / max(now - self.clock, 1e-9), "train/epoch": self.epoch,
-                   "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty}
+                   "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty,
+                   **({"constraint/delta": self.regulariser.last} if hasattr(self.regulariser, "last") else {})}
         self.clock, self.samples = now, 0
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_updates:
             metrics.update(layer_metrics(self.constrained.stats()))

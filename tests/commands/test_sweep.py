@@ -15,7 +15,8 @@ from mars_dist.constraints.methods import METHODS
 def test_suggestions_stay_in_ranges(method):
     cfg = config.load(None, [f"constraint.method={method}", "sweep.radius_range=[2, 8]",
                              "sweep.penalty_range=[1e-4, 1e-2]", "sweep.head_radius_range=[2, 8]",
-                             "sweep.spd_strength_range=[1e-4, 1e-2]"])
+                             "sweep.spd_strength_range=[1e-4, 1e-2]",
+                             "sweep.delta_alpha_range=[1e-4, 1e-2]", "sweep.delta_beta_range=[1e-4, 1e-2]"])
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
     for _ in range(30):
         trial = study.ask()
