@@ -50,6 +50,7 @@ def summarise(runs: list[dict], tuning: list[dict], methods: list[str]) -> list[
                 "best_val_epoch_median": statistics.median(best_epochs) if best_epochs else None,
                 "C_mean": statistics.mean(r["bound_C"] for r in rs),
                 "params": rs[0]["params"],
+                "alphas": [r["alpha"] for r in sorted(rs, key=lambda r: r["seed"]) if "alpha" in r],
                 "trials": tune["trials"] if tune else 0,
                 "tune_cpu_s": tune["cpu_s"] if tune else 0.0,
                 "runs_cpu_s": sum(r["cpu_s"] for r in rs),
@@ -64,17 +65,22 @@ def fmt_diff(d: dict | None) -> str:
     return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] (n={d['n']})"
 
 
-def markdown_table(table: list[dict], seeds_wanted: int) -> list[str]:
-    lines = ["| data set | method | test acc. % (mean ± sd) | paired diff. to `none`, points [95 % CI] | "
-             "train acc. % | final val acc. % | best val epoch (median) | bound C | compute: trials + runs, "
-             "CPU-s | chosen values | complete |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def markdown_table(table: list[dict], seeds_wanted: int, controls: dict[str, str] | None = None) -> list[str]:
+    """The table; `controls` (row name -> what the method controls) fills a column when given."""
+    ctl = controls is not None
+    lines = ["| data set | method | " + ("controls | " if ctl else "") + "test acc. % (mean ± sd) | paired diff. to "
+             "`none`, points [95 % CI] | train acc. % | final val acc. % | best val epoch (median) | bound C | "
+             "compute: trials + runs, CPU-s | chosen values | complete |",
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ctl else "")]
     for t in table:
         params = ", ".join(f"{k}={v:.3g}" for k, v in t["params"].items()) or "-"
+        if t.get("alphas"):
+            params = "α per seed: " + ", ".join(f"{x:g}" for x in t["alphas"])
         epoch = "-" if t["best_val_epoch_median"] is None else f"{t['best_val_epoch_median']:g}"
         done = "yes" if t["n"] >= seeds_wanted else f"no ({t['n']}/{seeds_wanted} seeds)"
         lines.append(
-            f"| {t['dataset']} | {t['method']} | {100 * t['acc_mean']:.1f} ± {100 * t['acc_std']:.1f} | "
+            f"| {t['dataset']} | {t['method']} | " + (f"{controls.get(t['method'], '-')} | " if ctl else "") +
+            f"{100 * t['acc_mean']:.1f} ± {100 * t['acc_std']:.1f} | "
             f"{fmt_diff(t['diff'])} | {100 * t['train_acc_mean']:.1f} | {100 * t['val_final_mean']:.1f} | {epoch} | "
             f"{t['C_mean']:.1f} | {t['trials']} + {t['n']}, {t['tune_cpu_s'] + t['runs_cpu_s']:,.0f} | {params} | "
             f"{done} |")
