@@ -63,7 +63,8 @@ def build_rows(a, updates_per_epoch: int) -> dict[str, Row]:
         Row("mars-pgm + lp-ft", "mars-pgm", f"constraint: MARS ball; head alone for the first {a.lp_epochs} "
             "epochs", (lp,), tune=False, params_from="mars-pgm"),
         Row("delta", "delta", "penalty: attention-weighted feature-map distance + head L2"),
-        Row("spd", "spd", "selective decay towards W0 after the update"),
+        Row("spd", "spd", "decay towards W0 after the update where the gradient points away (Frobenius growth)"),
+        Row("mars-spd", "mars-spd", "decay towards W0 after the update where the gradient points away (MARS growth)"),
         Row("mars-ftp", "mars-ftp", "constraint: MARS ball, radii learned (layer-scaled)", tuple(FTP_FIXED),
             tune=False),
     ]
