@@ -55,8 +55,9 @@ def write_beit(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForImageClassification, BeitConfig
 
+    # drop_path_rate 0 in the file (BeitConfig's default is 0.1): model.drop_path_rate alone turns it on
     BeitConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=32,
-               patch_size=8, num_labels=3).save_pretrained(path)
+               patch_size=8, num_labels=3, drop_path_rate=0.0).save_pretrained(path)
     torch.manual_seed(0)
     model = AutoModelForImageClassification.from_config(BeitConfig.from_pretrained(path))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "pretrained.safetensors"))
