@@ -8,10 +8,12 @@ BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3
 each run the worker puts the environment that `accelerate launch --config_file launch/accelerate/BACKEND.yaml` would
 set (computed by accelerate's own launcher code from that file) in place of the previous one and resets accelerate's
 state singleton: the process group stays (the runs' `end_training` is skipped, the launch ends it), the DeepSpeed /
-FSDP2 plugin and the engine are built anew by the trainer. CASE picks a model (timm: the bundled EfficientNet-Lite0, BatchNorm; hf: a tiny HF BEiT, LayerNorm, from
-HF_DIR) and knobs (KNOBS below). The run is the trainer's own (`FineTune`'s phases); the one test-only addition:
-after every update rank 0 writes the whole fp32 weights (`full_state_dict`, a collective) to
-OUT/BACKEND/CASE/updates/N.safetensors, which the test checks against the pretrained file.
+FSDP2 plugin and the engine are built anew by the trainer (test-only: accelerate's launcher internals
+`_validate_launch_command` / `prepare_*_env` give the environment). CASE picks a model (timm: the bundled
+EfficientNet-Lite0, BatchNorm; hf: a tiny HF BEiT, LayerNorm, from HF_DIR) and knobs (KNOBS below). The run is the
+trainer's own (`FineTune`'s phases); the one test-only addition: after every update rank 0 writes the whole fp32
+weights (`full_state_dict`, a collective) to OUT/BACKEND/CASE/updates/N.safetensors, which the test checks against
+the pretrained file.
 """
 
 from __future__ import annotations
