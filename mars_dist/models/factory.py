@@ -118,6 +118,8 @@ def _build_hf(name: str, pretrained: str, num_classes: int | None, keep_head: bo
     config = AutoConfig.from_pretrained(name)
     if drop_path_rate:
         set_hf_drop_path(config, drop_path_rate, name)
+    elif hasattr(config, "drop_path_rate"):  # 0 = off, as for timm: BEiT's / Swin's own default (0.1) would
+        config.drop_path_rate = 0.0  # otherwise train with random depth nobody asked for (and no 2-vs-1 equality)
     if not keep_head:
         config.num_labels = num_classes  # the setter rebuilds id2label/label2id to match
     if placement.partitioned:

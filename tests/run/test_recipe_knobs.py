@@ -139,6 +139,13 @@ def test_drop_path_is_refused_for_a_hf_model_without_it(tmp_path):
     ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3).save_pretrained(tmp_path / "cnx")
     model = build_model(str(tmp_path / "cnx"), "none", 3, drop_path_rate=0.1)
     assert model.hf_model.config.drop_path_rate == 0.1
+    # 0 is off, also where the HF config's own default is not (BEiT: 0.1)
+    from transformers import BeitConfig
+
+    BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16,
+               patch_size=8).save_pretrained(tmp_path / "beit")
+    assert BeitConfig.from_pretrained(tmp_path / "beit").drop_path_rate > 0
+    assert build_model(str(tmp_path / "beit"), "none", 3, drop_path_rate=0.0).hf_model.config.drop_path_rate == 0.0
 
 
 def grads(model, x, y):
