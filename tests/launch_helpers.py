@@ -3,8 +3,10 @@ config, and check an export against the bound (whole weights, float64 distances,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -21,10 +23,26 @@ ROOT = Path(__file__).resolve().parent.parent
 BOUND_RTOL = 5e-5  # a clipped row lands within fp32 rounding of its radius
 
 
+# Launch ports come from below the kernel's ephemeral range (32768-60999 on Linux; bind(0), gloo's pair sockets and
+# every outgoing connection take ports from there) and above SLURM's 6817-6830, in a block of their own per
+# pytest-xdist worker (PYTEST_XDIST_WORKER=gw0, gw1, ...): a port checked free here cannot be taken by a socket of
+# another worker's launch before this launcher binds it. launch/slurm/ rendezvous ports are 20000-39999.
+_PORT_BLOCK = 2000
+_port_base = 10000 + _PORT_BLOCK * (int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0) % 5)
+_port_offset = itertools.count(random.randrange(_PORT_BLOCK))
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on 127.0.0.1 now, from this worker's block (the next one that binds, cycling)."""
+    for _ in range(_PORT_BLOCK):
+        port = _port_base + next(_port_offset) % _PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in {_port_base}-{_port_base + _PORT_BLOCK - 1}")
 
 
 def run_cli(out: Path, overrides: list[str], launch_config: str | None = None, processes: int = 2,

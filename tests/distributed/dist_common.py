@@ -8,7 +8,6 @@ width 45, qkv/fc1 135 rows, head 5 rows), so ZeRO-3 / FSDP2 cut rows and leave e
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -227,9 +226,9 @@ def reference_run(name: str) -> dict[str, torch.Tensor]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from launch_helpers import free_port as port  # one port policy for every launch (see there)
+
+    return port()
 
 
 def worker_env() -> dict:

@@ -7,6 +7,7 @@ the launch commands and the reference runs, which are computed once per pytest s
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -41,9 +42,9 @@ def run_env(**extra: str) -> dict:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from launch_helpers import free_port as port  # one port policy for every launch (see there)
+
+    return port()
 
 
 def accelerate_cmd(config: str, *trainer_args: str, processes: int = 2, port: int | None = None) -> list[str]:
@@ -80,11 +81,16 @@ def assert_same_weights(a: Path, b: Path, exact: bool = True) -> None:
 
 
 def reference_run(tmp_path_factory, name: str, cmd: list[str], **env: str) -> Path:
-    """Run `cmd` + output_dir=... once per pytest session (several test modules compare against the same runs)."""
-    out = tmp_path_factory.getbasetemp() / f"reference-{name}"
-    if not (out / "export" / "model.safetensors").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        run([*cmd, f"output_dir={out}"], out.parent / f"reference-{name}.log", **env)
+    """Run `cmd` + output_dir=... once per pytest session (several test modules compare against the same runs).
+    Under pytest-xdist the workers share it: it lives in their common base temp dir, made under a file lock."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # popen-gwN's parent: the session's
+    out = root / f"reference-{name}"
+    with open(root / f"reference-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another worker making it: wait for it
+        if not (out / "export" / "model.safetensors").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            run([*cmd, f"output_dir={out}"], out.parent / f"reference-{name}.log", **env)
     return out
 
 

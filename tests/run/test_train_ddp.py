@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +25,9 @@ COMMON = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from launch_helpers import free_port as port  # one port policy for every launch (see there)
+
+    return port()
 
 
 @pytest.fixture(scope="module")
