@@ -84,7 +84,12 @@ def constrained_summary(run: Path) -> dict:
 
 
 def projection_was_active(run: Path) -> bool:
-    return any(layer["frac_at_bound"] > 0 for layer in json.loads((run / "layers.json").read_text())["layers"])
+    """Some layer of the final weights at its bound (layers.json), or rows clipped at some update (metrics.jsonl:
+    with EMA on, layers.json describes the EMA weights, an average of projected weights, inside the ball)."""
+    if any(layer["frac_at_bound"] > 0 for layer in json.loads((run / "layers.json").read_text())["layers"]):
+        return True
+    return any(json.loads(line).get("constraint/rows_clipped", 0) > 0
+               for line in (run / "metrics.jsonl").read_text().splitlines())
 
 
 def bound_ratios(run: Path, anchor_dtype: torch.dtype = torch.float32) -> dict[str, float]:

@@ -191,6 +191,7 @@ class Packed(BoundViews):
     def set_anchor(self, i: int, value: torch.Tensor) -> None:
         """Overwrite fragment i's stored anchor (restoring a checkpoint under the same layout)."""
         self.write_fragment(i, value)
+        self._diag_bounds = None  # derived from the anchors and cached by engine.clip_diag: recomputed at its next call
 
     def stores(self) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """The packed anchor storage: per-chunk (rows, L) matrices, the pieces, the diagonal elements. A buffer of

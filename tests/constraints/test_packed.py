@@ -68,3 +68,23 @@ def test_a_fragment_without_its_anchor_is_refused():
     cons, ws, _ = problem(3)
     with pytest.raises(ValueError, match="fragment of 'p0' has no anchor: pass the backend's `packing`"):
         project(frags(cons, ws, [None] * len(cons)))
+
+
+def test_a_restored_anchor_is_used_by_the_next_projection():
+    """A resume restores anchors into a packing that has already projected (set_anchor after clip_diag): every
+    layer, the diagonal ones included (their clip bounds are derived from the anchors), lands within its radius of
+    the restored anchor, checked directly in float64."""
+    cons, ws, anchors = problem(3)
+    p = Packed(frags(cons, ws, anchors))
+    project(frags(cons, ws, [None] * len(cons)), packing=p)
+    moved = [None if a is None else a + 0.7 for a in anchors]
+    for i, a in enumerate(moved):
+        if a is not None:
+            p.set_anchor(i, a)
+    ws = [w + 3.0 for w in ws]  # far outside every ball
+    p2 = [Fragment(c, w, None, 0) for c, w in zip(cons, ws)]
+    project(p2, packing=p)
+    for c, w, a in zip(cons, ws, moved):
+        d = (w.double() - (0 if a is None else a.double())).reshape(c.shape[0], -1) if c.role != "norm" else None
+        worst = d.abs().sum(1).max() if d is not None else (w.double() - a.double()).abs().max()
+        assert worst <= c.radius * (1 + 1e-5), (c.name, float(worst), c.radius)
