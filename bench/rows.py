@@ -19,9 +19,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The mars-ftp fix (another branch) adds a setting for the reference behaviour. Until it is merged, the fixed row is
-# refused by the config ("Not run") and the reference rows are the stored ones, which ran before the setting existed
-# (plain `constraint.method=mars-ftp` then was the reference). If the setting is named differently, change these two.
+# mars-ftp's radii in units of each layer's pretrained MARS norm (the default) or as the reference code sets them.
+# Rows stored before the setting existed ran plain `constraint.method=mars-ftp`, which then was the reference: they
+# count as the reference row (`reuse_as`).
 FTP_REFERENCE = ["constraint.ftp.scale=reference"]
 FTP_FIXED = ["constraint.ftp.scale=layer"]
 

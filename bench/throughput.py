@@ -8,7 +8,7 @@ Per setting (one process; `accelerate launch` with launch/accelerate/zero2.yaml 
 round, one launch per variant, in an order rotated every round:
 - `bare`: timm.create_model + torch AdamW + cross-entropy, nothing else (one process: a plain loop; 2 processes: the
   same DeepSpeed config file through `deepspeed.initialize`, "auto" values filled as accelerate fills them);
-- `none` / `mars-pgm`: the trainer itself (mars_dist.run.train.FineTune: start .. resume, then `fit()`, exactly as
+- `none` / `mars-pgm`: the trainer itself (mars_dist.run.train.FineTune: `setup()`, then `fit()`, exactly as
   `mars-dist train` runs it) with constraint.method none / mars-pgm, telemetry off (train.log_every far away: the
   per-layer stats are a logging cost, not an update's), no checkpoints, wandb disabled.
 Inside each launch the epochs alternate between two feeds of the same length, so both are measured seconds apart:
@@ -91,12 +91,7 @@ def trainer_worker(args, method: str) -> dict:
                              f"train.mixed_precision={args.precision}", "train.log_every=1000000",
                              "train.eval_every_epoch=false", "tracking.wandb_mode=disabled", f"output_dir={out}"])
     run = FineTune(cfg)
-    run.start()
-    run.data()
-    run.model()
-    run.optimisation()
-    run.attach()
-    run.resume()
+    run.setup()
     acc = run.accelerator
     real = run.loaders["train"]
     x, y = next(iter(real))

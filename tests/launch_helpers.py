@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,19 @@ def run_cli(out: Path, overrides: list[str], launch_config: str | None = None, p
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+def resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str],
+                       last_checkpoint: str = "checkpoints/step_00000006") -> Path:
+    """A copy of `run` that lost its last checkpoint and everything written after it (export, summary, layer
+    table), resumed with resume=auto: a run killed between its last two checkpoints."""
+    again = tmp / f"{run.name}_resumed"
+    shutil.copytree(run, again)
+    for late in (last_checkpoint, "export", "summary.json", "layers.json"):
+        shutil.rmtree(again / late, ignore_errors=True) if (again / late).is_dir() else (again / late).unlink()
+    proc = run_cli(again, overrides + ["resume=auto"], launch_config)
+    assert "resumed from" in proc.stdout + proc.stderr
+    return again
 
 
 def export_weights(run: Path) -> dict[str, torch.Tensor]:

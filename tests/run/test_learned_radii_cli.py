@@ -7,14 +7,13 @@ resumed from a mid-run checkpoint ends bit-identical to the uninterrupted one (b
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_helpers import assert_same_weights, run_cli
+from launch_helpers import assert_same_weights, resume_from_middle, run_cli
 from mars_dist.models.factory import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
@@ -28,16 +27,6 @@ FTP = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "
 def _export(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "model.safetensors"))
 
-
-def _resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str]) -> Path:
-    """A copy of `run` that lost everything after the update-3 checkpoint, resumed with resume=auto."""
-    again = tmp / f"{run.name}_resumed"
-    shutil.copytree(run, again)
-    for late in ("checkpoints/step_00000006", "export", "summary.json", "layers.json"):
-        shutil.rmtree(again / late, ignore_errors=True) if (again / late).is_dir() else (again / late).unlink()
-    proc = run_cli(again, overrides + ["resume=auto"], launch_config)
-    assert "resumed from" in proc.stdout + proc.stderr
-    return again
 
 
 def _independent_bound_check(run: Path) -> int:
@@ -94,7 +83,7 @@ def test_single_process_learns_radii_and_keeps_them(single):
 
 
 def test_single_process_resume_is_bit_identical(single, tmp_path):
-    again = _resume_from_middle(single, tmp_path, None, FTP + ["train.batch_size=8", "tracking.wandb_mode=offline"])
+    again = resume_from_middle(single, tmp_path, None, FTP + ["train.batch_size=8", "tracking.wandb_mode=offline"])
     assert_same_weights(_export(single), _export(again), atol=0, rtol=0)
 
 
@@ -105,5 +94,5 @@ def test_zero3_two_processes_equals_single_and_resumes_exactly(single, tmp_path)
     radii = lambda r: [layer["radius"] for layer in json.loads((r / "layers.json").read_text())["layers"]]  # noqa
     assert radii(run) == pytest.approx(radii(single), rel=1e-4)
     assert _independent_bound_check(run) > 90
-    again = _resume_from_middle(run, tmp_path, "zero3.yaml", FTP + ["train.batch_size=4"])
+    again = resume_from_middle(run, tmp_path, "zero3.yaml", FTP + ["train.batch_size=4"])
     assert_same_weights(_export(run), _export(again), atol=0, rtol=0)

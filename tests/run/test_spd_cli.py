@@ -9,12 +9,11 @@ on a timm ViT, EfficientNet (BatchNorm) and a Hugging Face ViT (LayerNorm), as c
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from launch_helpers import assert_same_weights, constrained_summary, export_weights, run_cli
+from launch_helpers import assert_same_weights, constrained_summary, export_weights, resume_from_middle, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -32,16 +31,6 @@ def _decayed(run: Path) -> list[int]:
     return [r["constraint/rows_clipped"] for r in records if "constraint/rows_clipped" in r]
 
 
-def _resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str]) -> Path:
-    """A copy of `run` that lost everything after the update-3 checkpoint, resumed with resume=auto."""
-    again = tmp / f"{run.name}_resumed"
-    shutil.copytree(run, again)
-    for late in ("checkpoints/step_00000006", "export", "summary.json", "layers.json"):
-        shutil.rmtree(again / late, ignore_errors=True) if (again / late).is_dir() else (again / late).unlink()
-    proc = run_cli(again, overrides + ["resume=auto"], launch_config)
-    assert "resumed from" in proc.stdout + proc.stderr
-    return again
-
 
 @pytest.fixture(scope="module")
 def lite0(tmp_path_factory):
@@ -54,7 +43,7 @@ def test_single_process_decays_and_resumes_bit_identical(lite0, tmp_path):
     decayed = _decayed(lite0)
     assert len(decayed) == 6 and sum(decayed) > 20, decayed  # Lite0: 99 tensors; selection is per layer and update
     assert max(decayed) < 99, "every layer at every update: the condition selects nothing"
-    again = _resume_from_middle(lite0, tmp_path, None, LITE0 + ["train.batch_size=8"])
+    again = resume_from_middle(lite0, tmp_path, None, LITE0 + ["train.batch_size=8"])
     assert_same_weights(export_weights(lite0), export_weights(again), atol=0, rtol=0)
 
 
@@ -64,7 +53,7 @@ def test_zero3_two_processes_equals_single_and_resumes_exactly(lite0, tmp_path):
     assert constrained_summary(run) == constrained_summary(lite0)
     assert_same_weights(export_weights(lite0), export_weights(run))
     assert _decayed(run) == _decayed(lite0)  # the same layers selected: the per-layer sums agree across ranks
-    again = _resume_from_middle(run, tmp_path, "zero3.yaml", LITE0 + ["train.batch_size=4"])
+    again = resume_from_middle(run, tmp_path, "zero3.yaml", LITE0 + ["train.batch_size=4"])
     assert_same_weights(export_weights(run), export_weights(again), atol=0, rtol=0)
 
 
