@@ -3,14 +3,10 @@
 named timm weights exist; the knob table of docs/recipes.md matches the files; and each large recipe runs 2 updates
 through the CLI with its model swapped for a tiny one of the same family (timm's test_vit / test_convnext, saved
 here as the 'pretrained' file) on real Fashion-MNIST, every other knob as in the recipe, bf16 included (one
-process on CPU: the same trainer as under a launcher, which tests/run/test_recipe_runs.py covers for the knobs).
-
-The `ema` section is read by a Config with an `ema` field; while Config has none (the EMA branch is not merged),
-the recipes are loaded and run without that section, and only that section."""
+process on CPU: the same trainer as under a launcher, which tests/run/test_recipe_runs.py covers for the knobs)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -25,23 +21,10 @@ RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 PAIRS = [("vit_b16_mars", "vit_b16_plain"), ("convnext_mars", "convnext_plain")]
 LARGE = [name for pair in PAIRS for name in pair]
 TINY = {"vit_b16": ("test_vit", 160), "convnext": ("test_convnext", 64)}  # test_vit takes 160 px only
-HAS_EMA = "ema" in {f.name for f in dataclasses.fields(config.Config)}
 
 
 def recipe(name: str) -> Path:
     return ROOT / "recipes" / f"{name}.yaml"
-
-
-def loadable(path: Path, tmp_path: Path) -> Path:
-    """The recipe as this Config reads it: without its `ema` section only while Config has no `ema` field."""
-    data = yaml.safe_load(path.read_text())
-    if HAS_EMA or "ema" not in data:
-        return path
-    assert set(data["ema"]) == {"decay", "warmup"}, data["ema"]  # the keys the EMA branch defines
-    del data["ema"]
-    out = tmp_path / path.name
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return out
 
 
 def flat(data: dict, prefix: str = "") -> dict:
@@ -55,27 +38,25 @@ def flat(data: dict, prefix: str = "") -> dict:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[str(p.relative_to(ROOT / "recipes")) for p in RECIPES])
-def test_every_recipe_loads_and_validates(path, tmp_path):
-    cfg = config.load(loadable(path, tmp_path))
+def test_every_recipe_loads_and_validates(path):
+    cfg = config.load(path)
     written = flat(yaml.safe_load(path.read_text()))
     resolved = flat(config.to_dict(cfg))
     for key, value in written.items():  # every value written is the value the run gets
-        if key.startswith("ema.") and not HAS_EMA:
-            continue
         assert key in resolved, key
         expect = value if not isinstance(resolved[key], float) or value is None else float(value)
         assert resolved[key] == expect, (key, value, resolved[key])
 
 
 @pytest.mark.parametrize("mars,plain", PAIRS)
-def test_each_pair_is_one_key_apart(mars, plain, tmp_path):
+def test_each_pair_is_one_key_apart(mars, plain):
     a, b = (flat(yaml.safe_load(recipe(n).read_text())) for n in (mars, plain))
     assert a.keys() == b.keys()
     differ = {k for k in a if a[k] != b[k]}
     assert differ == {"constraint.method", "output_dir"}, differ
     assert (a["constraint.method"], b["constraint.method"]) == ("mars-pgm", "none")
     assert a["output_dir"] != b["output_dir"]
-    ra, rb = (flat(config.to_dict(config.load(loadable(recipe(n), tmp_path)))) for n in (mars, plain))
+    ra, rb = (flat(config.to_dict(config.load(recipe(n)))) for n in (mars, plain))
     assert {k for k in ra if ra[k] != rb[k]} == {"constraint.method", "output_dir"}  # and as resolved
 
 
@@ -162,7 +143,7 @@ def test_recipe_runs_two_updates_on_a_tiny_model_of_its_family(name, tmp_path, c
     if mars:
         swap += ["constraint.radius=0.005", "constraint.head_radius=0.01"]
     with pytest.raises(SystemExit) as done:
-        cli.main(["train", str(loadable(recipe(name), tmp_path)), *swap])
+        cli.main(["train", str(recipe(name)), *swap])
     out = capfd.readouterr().out
     assert done.value.code == 0, out[-3000:]
     assert "activation checkpointing" in out
