@@ -62,14 +62,17 @@ def run_cli(out: Path, overrides: list[str], launch_config: str | None = None, p
     return proc
 
 
-def resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str],
-                       last_checkpoint: str = "checkpoints/step_00000006") -> Path:
-    """A copy of `run` that lost its last checkpoint and everything written after it (export, summary, layer
-    table), resumed with resume=auto: a run killed between its last two checkpoints."""
+def resume_from_middle(run: Path, tmp: Path, launch_config: str | None, overrides: list[str]) -> Path:
+    """A copy of `run` killed after its first checkpoint (the later checkpoints and the end-of-run outputs removed),
+    resumed with resume=auto. Returns the resumed copy."""
+    from mars_dist.run import checkpoint as ckpt
+
     again = tmp / f"{run.name}_resumed"
     shutil.copytree(run, again)
-    for late in (last_checkpoint, "export", "summary.json", "layers.json"):
-        shutil.rmtree(again / late, ignore_errors=True) if (again / late).is_dir() else (again / late).unlink()
+    for later in ckpt.list_checkpoints(again)[1:]:
+        shutil.rmtree(later)
+    for late in ("export", "summary.json", "layers.json"):
+        shutil.rmtree(again / late) if (again / late).is_dir() else (again / late).unlink(missing_ok=True)
     proc = run_cli(again, overrides + ["resume=auto"], launch_config)
     assert "resumed from" in proc.stdout + proc.stderr
     return again

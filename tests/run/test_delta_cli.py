@@ -5,12 +5,11 @@ attention everywhere, a resume equal to the uninterrupted run (the attention is 
 under ZeRO-3 with zero.Init."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from launch_helpers import assert_same_weights, export_weights, run_cli
+from launch_helpers import assert_same_weights, export_weights, resume_from_middle, run_cli
 from mars_dist.run import checkpoint as ckpt
 from test_core_configs import write_hf_model
 
@@ -62,13 +61,9 @@ def test_two_processes_match_one(tmp_path, models, launch_config, kind):
 def test_resume_is_exact(tmp_path, models):
     """3 updates in one go == 2 updates, stop, resume (the attention recomputed at the resume)."""
     model, single = models["lite0"]
-    part = tmp_path / "part"
-    shutil.copytree(single, part)
-    for later in ckpt.list_checkpoints(part)[1:]:
-        shutil.rmtree(later)
-    assert ckpt.latest_checkpoint(part).name == "step_00000002"
-    run_cli(part, SMALL + model + ["train.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5",
-                                   "resume=auto"], launch_config=None)
+    assert ckpt.list_checkpoints(single)[0].name == "step_00000002"
+    part = resume_from_middle(single, tmp_path, None, SMALL + model + [
+        "train.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5"])
     a, b = export_weights(single), export_weights(part)
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -28,7 +28,6 @@ def _export(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "export" / "model.safetensors"))
 
 
-
 def _independent_bound_check(run: Path) -> int:
     """Every learned layer of the export within its final learned radius (layers.json), in float64: MARS rows for
     matrices, |d - d0| for BatchNorm effective scales d = w / sqrt(running_var + 1e-6). Returns the layers checked."""
