@@ -67,7 +67,7 @@ def row_partials(p: Packed, ws, l1: bool, sq: bool, of_w: bool = False) -> list[
     for ch, sg in pairs:  # vals: in block_rows order
         if l1 and not (sq or of_w):
             if sg.view is not None:
-                row_l1(sg.view, sg.anchor, p.compiled, out=vals[0][sg.rows])
+                row_l1(sg.view, sg.anchor, p.compiled, out=vals[0][sg.rows], work=p.gather_scratch)
             else:  # the gathered copy is scratch: the deviation may overwrite it
                 row_l1(gathered(sg, p.gather_scratch, ch.length), sg.anchor, p.compiled, out=vals[0][sg.rows],
                        scratch=True)

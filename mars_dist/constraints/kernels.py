@@ -27,6 +27,7 @@ import torch
 log = logging.getLogger(__name__)
 
 AUTO_MIN_ELEMENTS = 8_000_000
+BLOCK_ELEMS = 1 << 18    # elements per block of an eager row sum over master memory (1 MiB: stays in L2)
 COMPILED_MIN = 1 << 15  # elements: below this a compiled call (~30 us through dynamo) costs more than it saves
 ENV = "MARS_DIST_COMPILE"
 
@@ -51,12 +52,23 @@ def compile_seconds() -> float:
 
 
 def _row_l1_eager(w: torch.Tensor, w0: torch.Tensor, out: torch.Tensor | None = None,
-                  scratch: bool = False) -> torch.Tensor:
+                  scratch: bool = False, work=None) -> torch.Tensor:
     # in-place abs + row sum: ~2e-7 relative error (vector_norm(ord=1): 1e-6, slower); a scratch `w` (a gathered
     # copy) takes the deviation itself: no temporary, whose fresh pages cost as much as the arithmetic
-    d = w.sub_(w0) if scratch else w - w0
-    d = d.abs_()
-    return torch.sum(d, 1, out=out) if out is not None else d.sum(1)
+    if scratch or work is None or out is None:
+        d = w.sub_(w0) if scratch else w - w0
+        d = d.abs_()
+        return torch.sum(d, 1, out=out) if out is not None else d.sum(1)
+    # `w` is the master memory itself: the deviation goes through a small reused buffer, a block of rows at a time
+    # (`work(n)`: at least n elements, sized to stay in cache), instead of a temporary the size of `w`
+    rows, length = w.shape
+    step = max(1, BLOCK_ELEMS // max(length, 1))
+    for r in range(0, rows, step):
+        stop = min(rows, r + step)
+        d = work((stop - r) * length)[:(stop - r) * length].view(stop - r, length)
+        torch.sub(w[r:stop], w0[r:stop], out=d).abs_()
+        torch.sum(d, 1, out=out[r:stop])
+    return out
 
 
 def _row_l1_math(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -70,11 +82,12 @@ def _compiled():
 
 
 def row_l1(w: torch.Tensor, w0: torch.Tensor, compiled: bool, out: torch.Tensor | None = None,
-           scratch: bool = False) -> torch.Tensor:
+           scratch: bool = False, work=None) -> torch.Tensor:
     """Per row sum |w - w0| (float32) of two (rows, L) matrices, into `out` if given. `scratch`: `w` is a copy the
-    caller no longer needs (the eager path then overwrites it instead of allocating a temporary)."""
+    caller no longer needs (the eager path then overwrites it instead of allocating a temporary). `work(n)`: a
+    reusable buffer of at least n elements for the eager path's deviation (with `out`)."""
     if not compiled or _state["failed"] or w.numel() < COMPILED_MIN:
-        return _row_l1_eager(w, w0, out, scratch)
+        return _row_l1_eager(w, w0, out, scratch, work)
     from torch._dynamo.decorators import mark_unbacked
 
     first = _state["fn"] is None
@@ -88,7 +101,7 @@ def row_l1(w: torch.Tensor, w0: torch.Tensor, compiled: bool, out: torch.Tensor 
         _state["failed"] = True
         log.warning("torch.compile of the projection's row-sum kernel failed (%s: %s); using eager torch",
                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return _row_l1_eager(w, w0, out, scratch)
+        return _row_l1_eager(w, w0, out, scratch, work)
     if first:
         _state["compile_s"] += time.perf_counter() - t0
     return out.copy_(got) if out is not None else got
