@@ -64,6 +64,15 @@ def _first_tensor(output):
     return first
 
 
+def _output_module(module: nn.Module) -> nn.Module:
+    """The module whose output IS `module`'s output: the last child of a Sequential, recursively. Activation
+    checkpointing may call a stage's children without calling the stage (timm's `checkpoint_seq(blocks,
+    flatten=True)` in EfficientNet / MobileNet), so a hook on the stage itself would never fire."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return module
+
+
 class Tap:
     """Forward hooks catching the outputs of `layers` of `model`; with `mask` set, channel masked[r] of replica r
     (of `replicas` copies of the batch) is zeroed in the output of `mask_layer` (the attention measurement)."""
@@ -71,7 +80,7 @@ class Tap:
     def __init__(self, model: nn.Module, layers: list[str]):
         self.layers, self.caught = layers, {}
         self.mask_layer, self.masked = None, None
-        self._handles = [model.get_submodule(n).register_forward_hook(self._hook(n)) for n in layers]
+        self._handles = [_output_module(model.get_submodule(n)).register_forward_hook(self._hook(n)) for n in layers]
 
     def _hook(self, name: str):
         def hook(_module, _args, output):

@@ -134,3 +134,27 @@ def test_layers_auto_and_by_pattern(tmp_path):
     blocks = choose_layers(vit, [], classifier_module_names(vit))  # encoder.layer.N, or layers.N (transformers 5)
     assert len(blocks) == 2 and blocks[0][:-1] == blocks[1][:-1] and blocks[0].endswith("0")
     assert type(vit.get_submodule(blocks[0])).__name__ == "ViTLayer"
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "vit_tiny_patch16_224"])
+def test_tap_catches_stage_outputs_under_activation_checkpointing(name):
+    """timm's checkpoint_seq(blocks, flatten=True) (EfficientNet) calls a stage's children, never the stage: the
+    tap must still catch the stage's output, the same as without checkpointing, in training and with a backward."""
+    import timm
+
+    torch.manual_seed(0)
+    kwargs = {"img_size": 32} if name.startswith("vit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs)
+    layers = ["blocks.1", "blocks.2"]
+    x = torch.randn(2, 3, 32, 32)
+    caught = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        tap = Tap(model, layers)
+        model(x).sum().backward()  # the backward recomputes checkpointed blocks: the caught maps stay those of forward
+        maps = tap.take()
+        tap.remove()
+        assert len(maps) == 2 and all(m.requires_grad for m in maps), name
+        caught.append(maps)
+    for a, b in zip(*caught):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
