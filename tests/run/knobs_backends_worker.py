@@ -47,6 +47,11 @@ KNOBS = {"det": DETERMINISTIC, "all": ALL,
          "all_nogc": [k for k in ALL if k != "train.grad_checkpointing=true"],
          "ftp": [*DETERMINISTIC, "constraint.method=mars-ftp"],
          "compile": [*DETERMINISTIC[:4], "train.compile=true"],
+         # DELTA (a penalty, no projection): its frozen source model beside the trained one; two early Lite0 stages
+         # (the automatic last four make the attention measurement, a forward per channel group, the largest cost)
+         "delta": [*DETERMINISTIC, "constraint.method=delta", "constraint.delta.alpha=2e-4",
+                   "constraint.delta.beta=0.1", "constraint.delta.attention_samples=4",
+                   "constraint.delta.attention_rows=2048", "constraint.delta.layers=[blocks.1, blocks.2]"],
          "eager": DETERMINISTIC[:4]}
 LAUNCH_KEYS = ("ACCELERATE_USE_", "ACCELERATE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "FSDP_", "ACCELERATE_DYNAMO")
 

@@ -2,7 +2,8 @@
 frozen source partitioned by a ZeRO-3 inference engine) give the same weights element by element after a few
 updates, on a timm model with BatchNorm (the bundled Lite0) and a HF ViT with LayerNorm. Also: the same channel
 attention everywhere, a resume equal to the uninterrupted run (the attention is recomputed, deterministically), bf16
-under ZeRO-3 with zero.Init."""
+under ZeRO-3 with zero.Init. DDP and ZeRO-1 on the BatchNorm model, with the recipe knobs:
+tests/run/test_knobs_backends.py."""
 
 import json
 
@@ -77,3 +78,4 @@ def test_bf16_under_zero3_init(tmp_path, models):
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert 0 < worst < 0.05, worst  # bf16 forward: near the fp32 run, not equal to it
     assert all(torch.isfinite(v).all() for v in b.values())
+
