@@ -20,6 +20,7 @@ def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | N
     other ranks (torch's default is 10-30 min), so a run with a lost rank fails within it.
     """
     on_cpu = not torch.cuda.is_available()
+    refuse_fsdp_on_cpu(on_cpu)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # a gloo group only makes sense with a launcher
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     accelerator = Accelerator(
@@ -30,6 +31,17 @@ def make_accelerator(grad_accum: int, mixed_precision: str, grad_clip: float | N
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     configure_deepspeed(accelerator, grad_clip, micro_batch)
     return accelerator
+
+
+def refuse_fsdp_on_cpu(on_cpu: bool) -> None:
+    """accelerate runs FSDP on GPUs only: on a machine without CUDA an FSDP launch config silently becomes plain
+    data parallelism (with `cpu=True`) or no distribution at all, so a user asking for sharded parameters would get
+    whole ones. Stop instead, naming what runs here."""
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise ValueError("the launch config asks for FSDP (ACCELERATE_USE_FSDP=true), which accelerate runs on GPUs "
+                         "only: on this machine (no CUDA) it would silently run unsharded. Launch with "
+                         "launch/accelerate/zero3.yaml (parameters partitioned) or cpu.yaml (DDP), or shard the model "
+                         "with torch fully_shard yourself and attach the projection with mars_dist.api")
 
 
 def process_group_kwargs(on_cpu: bool, timeout_s: float | None) -> InitProcessGroupKwargs:

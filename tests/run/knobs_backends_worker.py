@@ -4,11 +4,11 @@
         OUT HF_DIR BACKEND/CASE [BACKEND/CASE ...]
     python tests/run/knobs_backends_worker.py OUT HF_DIR single/CASE ...          # the one-process reference
 
-BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init, fsdp2) or `single`. Before
+BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init) or `single`. Before
 each run the worker puts the environment that `accelerate launch --config_file launch/accelerate/BACKEND.yaml` would
 set (computed by accelerate's own launcher code from that file) in place of the previous one and resets accelerate's
-state singleton: the process group stays (the runs' `end_training` is skipped, the launch ends it), the DeepSpeed /
-FSDP2 plugin and the engine are built anew by the trainer (test-only: accelerate's launcher internals
+state singleton: the process group stays (the runs' `end_training` is skipped, the launch ends it), the DeepSpeed
+plugin and the engine are built anew by the trainer (test-only: accelerate's launcher internals
 `_validate_launch_command` / `prepare_*_env` give the environment). CASE picks a model (timm: the bundled
 EfficientNet-Lite0, BatchNorm; hf: a tiny HF BEiT, LayerNorm, from HF_DIR) and knobs (KNOBS below). The run is the
 trainer's own (`FineTune`'s phases); the one test-only addition: after every update rank 0 writes the whole fp32
