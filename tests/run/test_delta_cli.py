@@ -78,4 +78,3 @@ def test_bf16_under_zero3_init(tmp_path, models):
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert 0 < worst < 0.05, worst  # bf16 forward: near the fp32 run, not equal to it
     assert all(torch.isfinite(v).all() for v in b.values())
-
