@@ -14,7 +14,10 @@ In ONE run (these machines are noisy: every figure below is a ratio to something
   it, as ZeroBackend builds them from `fp32_partitioned_groups_flat`; simulated here without DeepSpeed);
 - each with the row sums compiled (`packed`, torch.compile; the compile is done in an untimed warm-up and reported
   separately as `compile_s`) and eager (`eager`, MARS_DIST_COMPILE=0's path);
-- the tensor-count sweep: 8.2M parameters as 20 / 200 / 2,000 bias-free Linear layers;
+- the tensor-count sweep: 8.2M parameters as 20 / 200 / 2,000 bias-free square Linear layers (more tensors and
+  shorter rows: 12.8K rows of 640 at 20 tensors, 128K rows of 64 at 2,000), and the same 8.2M parameters as 20 /
+  2,000 layers of 640-element rows (12,800 rows in both: only the tensor count changes), which separates what costs
+  per tensor from what costs per row;
 - with --baseline REV: the same with mars_dist/constraints/engine.py of git revision REV, loaded from git.
 Writes bench/results/engine_<machine>.json and prints a table.
 """
@@ -124,14 +127,23 @@ def worst_case(model: nn.Module, head: str, layout: str, radius: float, head_rad
     else:
         backend = ReplicatedBackend(constraints, model, torch.optim.SGD(model.parameters(), lr=0.0))
     params = dict(model.named_parameters())
-    start = {c.name: params[c.name].detach().clone() for c in constraints}
     gen = torch.Generator().manual_seed(0)
     noise = {c.name: torch.randn(c.shape, generator=gen) for c in constraints}
 
+    with torch.no_grad():
+        for c in constraints:
+            params[c.name].add_(noise[c.name])
+        outside = ([params[c.name].detach().clone() for c in constraints] if layout != "zero3"
+                   else backend.flat.clone())
+
     def setup():
+        # the worst-case weights written back as the optimizer writes them: ZeRO's flat master in one sweep, one
+        # tensor at a time otherwise (a per-tensor loop over a flat buffer leaves other data in the caches)
         with torch.no_grad():
-            for c in constraints:
-                params[c.name].copy_(start[c.name]).add_(noise[c.name])
+            if layout == "zero3":
+                backend.flat.copy_(outside)
+            else:
+                torch._foreach_copy_([params[c.name] for c in constraints], outside)
         _EVICT.add_(1.0)  # 64 MB through the caches: W starts in memory, as after the optimizer's pass over it
 
     return constraints, backend, setup
@@ -155,7 +167,8 @@ def variants(backend, baseline) -> dict:
 
 def bench_group(builds: dict, layout: str, rounds: int, baseline) -> dict:
     """Time every (case, variant) of a group in rounds: each round measures the triad once, then runs every case
-    and variant once (the worst-case setup untimed before each). Figures are medians over rounds of per-round
+    and variant once, in an order rotated per round (the worst-case setup untimed before each; the call right after
+    the setup is not always the same variant: it ran slower). Figures are medians over rounds of per-round
     values, so a floor share or a ratio between cases compares runs seconds apart, not minutes."""
     triad = Triad()
     cases = {}
@@ -178,11 +191,12 @@ def bench_group(builds: dict, layout: str, rounds: int, baseline) -> dict:
             # what building the fragments at every update (ZeroBackend.fragments) would add
             cases[key]["info"]["enumerate_ms"] = 1e3 * median([timeit(backend.fragments) for _ in range(5)])
     samples = {key: {"bw": []} | {v: [] for v in c["calls"]} for key, c in cases.items()}
-    for _ in range(rounds):
+    for i in range(rounds):
         bw = triad.bandwidth()
         for key, c in cases.items():
             samples[key]["bw"].append(bw)
-            for name, fn in c["calls"].items():
+            calls = list(c["calls"].items())
+            for name, fn in calls[i % len(calls):] + calls[:i % len(calls)]:  # rotated: no variant always first
                 c["setup"]()
                 samples[key][name].append(timeit(fn))
     out = {}
@@ -194,10 +208,11 @@ def bench_group(builds: dict, layout: str, rounds: int, baseline) -> dict:
             r[f"{name}_ms"] = median(sm[name]) * 1e3
             r[f"{name}_floor_share"] = median([20 * c["n"] / bw / t for bw, t in zip(sm["bw"], sm[name])])
         out[key] = r
-    if "20 Linear" in samples and "2000 Linear" in samples:
-        big, small = samples["2000 Linear"], samples["20 Linear"]
-        out["ratio_2000_vs_20"] = {v: median([a / b for a, b in zip(big[v], small[v])])
-                                   for v in cases["20 Linear"]["calls"]}
+    for suffix in ("Linear", "Linear 640-wide"):
+        big, small = f"2000 {suffix}", f"20 {suffix}"
+        if big in samples and small in samples:
+            out["ratio_2000_vs_20" + suffix[len("Linear"):].replace(" ", "_")] = {
+                v: median([a / b for a, b in zip(samples[big][v], samples[small][v])]) for v in cases[small]["calls"]}
     return out
 
 
@@ -205,6 +220,14 @@ def linear_stack(count: int) -> nn.Module:
     width = int(round((SWEEP_PARAMS / count) ** 0.5))
     layers = [nn.Linear(width, width, bias=False) for _ in range(count - 1)] + [nn.Linear(width, 10, bias=False)]
     return nn.Sequential(*layers)
+
+
+def fixed_row_stack(count: int, row_len: int = 640) -> nn.Module:
+    """`count` bias-free Linear layers of `row_len`-element rows holding SWEEP_PARAMS parameters together (12,800
+    rows at 640, spread as evenly as whole rows allow): the tensor count changes, the rows do not."""
+    rows = SWEEP_PARAMS // row_len
+    return nn.Sequential(*[nn.Linear(row_len, rows * (i + 1) // count - rows * i // count, bias=False)
+                           for i in range(count)])
 
 
 def timm_model(name: str):
@@ -221,7 +244,7 @@ def print_table(result: dict, baseline: bool) -> None:
           + (f"{'before ms':>10}{'floor/bf':>9}" if baseline else ""))
     for layout, rows in result["layouts"].items():
         for key, r in rows.items():
-            if key == "ratio_2000_vs_20":
+            if key.startswith("ratio_2000_vs_20"):
                 continue
             line = (f"{layout:<11}{key:<24}{r['constrained_tensors']:>8}{r['constrained_params']:>12,}"
                     f"{r['triad_GBps']:>11.1f}{r['floor_ms']:>9.1f}{r['packed_ms']:>10.1f}"
@@ -230,14 +253,16 @@ def print_table(result: dict, baseline: bool) -> None:
             if baseline:
                 line += f"{r['baseline_ms']:>10.1f}{100 * r['baseline_floor_share']:>8.0f}%"
             print(line)
-        ratio = rows.get("ratio_2000_vs_20")
-        if ratio:
-            print(f"{layout}: 2,000 vs 20 tensors " + ", ".join(f"{v} {x:.2f}x" for v, x in ratio.items()))
+        for key, ratio in rows.items():
+            if key.startswith("ratio_2000_vs_20"):
+                what = "640-element rows in both" if key.endswith("640-wide") else "square layers"
+                print(f"{layout}: 2,000 vs 20 tensors ({what}) " + ", ".join(f"{v} {x:.2f}x" for v, x in ratio.items()))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--no-sweep", action="store_true", help="models only (no tensor-count sweeps)")
     ap.add_argument("--layouts", nargs="+", default=["replicated", "zero3"], choices=["replicated", "zero3"])
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
@@ -251,7 +276,9 @@ def main() -> None:
                           "load_average": list(os.getloadavg())},
               "baseline_rev": args.baseline, "rounds": args.rounds, "layouts": {}}
     groups = [{name: (timm_model(name), MODELS[name])} for name in args.models]
-    groups.append({f"{k} Linear": (lambda k=k: linear_stack(k), str(k - 1)) for k in SWEEP})
+    if not args.no_sweep:
+        groups.append({f"{k} Linear": (lambda k=k: linear_stack(k), str(k - 1)) for k in SWEEP})
+        groups.append({f"{k} Linear 640-wide": (lambda k=k: fixed_row_stack(k), str(k - 1)) for k in (20, 2000)})
     for layout in args.layouts:
         rows = result["layouts"][layout] = {}
         for builds in groups:

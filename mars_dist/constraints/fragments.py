@@ -87,8 +87,9 @@ def row_values(per_row: torch.Tensor, offset: int, n: int, row_len: int) -> torc
 RELATIVE_TOLERANCE = 1e-5
 
 
-def radial_scales(norms: torch.Tensor, radius: float | torch.Tensor) -> torch.Tensor:
+def radial_scales(norms: torch.Tensor, radius: float | torch.Tensor,
+                  threshold: float | torch.Tensor | None = None) -> torch.Tensor:
     """min(1, radius / norm) per entry (`radius` a number or one per entry); exactly 1 where
-    norm <= radius * (1 + RELATIVE_TOLERANCE)."""
-    over = norms > radius * (1 + RELATIVE_TOLERANCE)
+    norm <= radius * (1 + RELATIVE_TOLERANCE) (`threshold`: that product, when the caller keeps it)."""
+    over = norms > (radius * (1 + RELATIVE_TOLERANCE) if threshold is None else threshold)
     return torch.where(over, radius / norms, 1.0)  # radius / 0 (inf) is never selected: over is False there

@@ -125,6 +125,40 @@ def test_rows_inside_the_ball_are_bit_exact_in_place(small_thresholds):
     assert clipped == 0 and torch.equal(flat, before)
 
 
+def test_only_segments_with_a_clipped_row_are_written_and_a_new_radius_is_seen(small_thresholds):
+    """One packing, two projections: first every radius huge (nothing written), then one matrix's radius back to
+    1.5 — the kept row thresholds must follow the new radii, and memory outside that matrix must stay bit-exact."""
+    flat, flat0, cons = flat_problem(4)
+    frags = fragments_of(flat, flat0, cons)
+    p = Packed(frags)
+    weights = [Fragment(f.constraint, f.w, None, f.offset) for f in frags]
+    for c, _ in cons:
+        c.radius = 1e6
+    before = flat.clone()
+    assert project(weights, packing=p) == 0 and torch.equal(flat, before)
+    (a, start_a), (b, start_b) = cons[0], cons[1]
+    a.radius = 1.5
+    want = ref.mars_project(before[:a.numel].view(a.shape), flat0[:a.numel].view(a.shape), 1.5)
+    assert project(weights, packing=p) > 0
+    torch.testing.assert_close(flat[:a.numel].double(), want.reshape(-1), rtol=2e-6, atol=2e-6)
+    assert torch.equal(flat[a.numel:], before[a.numel:])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_segments_hit_equals_a_per_segment_check(seed):
+    from mars_dist.constraints.engine import _segments_hit  # noqa: PLC0415
+
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (int(torch.randint(1, 12, (1,), generator=gen)),), generator=gen)
+    s = torch.ones(int(lengths.sum()))
+    clipped = torch.rand(s.numel(), generator=gen) < 0.15
+    s[clipped] = torch.rand(int(clipped.sum()), generator=gen) * 0.99
+    holder = type("P", (), {})()  # the function keeps its boundaries on the packing: any object will do
+    want = [bool((seg < 1).any()) for seg in s.split(lengths.tolist())]
+    assert _segments_hit(holder, s, lengths) == want
+    assert _segments_hit(holder, torch.ones_like(s), lengths) == [False] * len(want)  # boundaries reused
+
+
 def test_compiled_row_sums_equal_eager_and_never_recompile(small_thresholds):
     flat, flat0, cons = flat_problem(3)
     eager, want = flat.clone(), expected(flat, flat0, cons)
@@ -170,3 +204,21 @@ def test_a_bad_compile_switch_is_refused(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "sometimes")
     with pytest.raises(ValueError, match="MARS_DIST_COMPILE='sometimes'"):
         kernels.compile_wanted(1)
+
+
+def test_mars_and_l2_row_constraints_in_one_packing_equal_the_reference():
+    """Both row norms projected in one call (the engine's path that mixes per-row and per-tensor scales)."""
+    gen = torch.Generator().manual_seed(5)
+    cases = [((6, 5), "mars", 1.0), ((4, 7), "l2", 1.5), ((3, 5), "mars", 0.5), ((5, 5), "l2", 50.0)]
+    ws, w0s, cons = [], [], []
+    for i, (shape, norm, radius) in enumerate(cases):
+        w0 = torch.randn(shape, generator=gen)
+        ws.append(w0 + torch.randn(shape, generator=gen))
+        w0s.append(w0)
+        cons.append(Constraint(f"p{i}", shape, "matrix", "project", norm=norm, radius=radius))
+    want = [ref.mars_project(w, w0, c.radius) if c.norm == "mars" else ref.l2_project(w, w0, c.radius)
+            for w, w0, c in zip(ws, w0s, cons)]
+    clipped = project([Fragment(c, w.view(-1), w0.view(-1).clone(), 0) for c, w, w0 in zip(cons, ws, w0s)])
+    assert clipped == 6 + 1 + 3  # every MARS row, the one L2 tensor outside its ball
+    for w, expect in zip(ws, want):
+        torch.testing.assert_close(w.double(), expect, rtol=2e-6, atol=2e-6)
