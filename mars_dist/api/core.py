@@ -144,11 +144,12 @@ class Constrained:
     def log_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat metrics for `wandb.log` / `accelerator.log`: `layers/<name>/{distance,radius,ratio,frac_at_bound,
         layer_norm}`, `bound/C` (the log-domain bound term), `bound/max_ratio`, `bound/layers_at_radius`,
-        `constraint/rows_clipped` (at the last update) and `constraint/penalty` (SP methods)."""
+        `constraint/rows_clipped` (at the last update; SPD: `constraint/layers_decayed`) and `constraint/penalty`
+        (SP methods)."""
         from mars_dist.run.tracking import layer_metrics
 
         out = layer_metrics(self.stats())
-        out["constraint/rows_clipped"] = self.hook.last_clipped
+        out[self.hook.count_metric] = self.hook.last_clipped
         out["constraint/penalty"] = self.hook.last_penalty
         return {prefix + k: v for k, v in out.items()}
 

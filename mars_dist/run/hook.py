@@ -45,6 +45,12 @@ class ProjectionHook:
         if "penalty" in actions:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
 
+    @property
+    def count_metric(self) -> str:
+        """The metric `last_clipped` is logged as: rows (and diagonal elements) clipped by a projection, or layers
+        decayed by SPD (a count of another thing: one name for both would mix them on a dashboard)."""
+        return "constraint/layers_decayed" if self.decay is not None else "constraint/rows_clipped"
+
     def _after_step(self, *_args, **_kwargs) -> None:
         if not self.backend.begin_hook():
             return

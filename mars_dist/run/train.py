@@ -267,7 +267,7 @@ class FineTune:
         hook = self.constrained.hook
         metrics = {"train/loss": float(loss), "train/lr": max(self.scheduler.get_last_lr()),  # the head's lr
                    "train/images_per_s": self.samples / max(now - self.clock, 1e-9), "train/epoch": self.epoch,
-                   "constraint/rows_clipped": hook.last_clipped, "constraint/penalty": hook.last_penalty,
+                   hook.count_metric: hook.last_clipped, "constraint/penalty": hook.last_penalty,
                    **({"constraint/delta": self.regulariser.last} if hasattr(self.regulariser, "last") else {})}
         self.clock, self.samples = now, 0
         if self.step % self.cfg.train.log_every == 0 or self.step == self.total_updates:

@@ -33,9 +33,10 @@ TWO = LITE0 + ["train.grad_accum=1"]   # two processes: one image each per updat
 
 
 def _decayed(run: Path) -> list[int]:
-    """Layers decayed at each update (logged as constraint/rows_clipped: rows clipped, or layers decayed)."""
+    """Layers decayed at each update (constraint/layers_decayed; never logged as rows clipped)."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["constraint/rows_clipped"] for r in records if "constraint/rows_clipped" in r]
+    assert not any("constraint/rows_clipped" in r for r in records)
+    return [r["constraint/layers_decayed"] for r in records if "constraint/layers_decayed" in r]
 
 
 @pytest.fixture(scope="module")
