@@ -230,9 +230,12 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         facts.append(("status", "no summary.json yet: the run is going or stopped before the end"))
     radii = Counter((l["role"], l["action"], l.get("radius")) for l in constraints.get("layers", []))
     swept = (run / "trial_config.yaml").is_file()
+    actions = sorted({l["action"] for l in constraints.get("layers", [])})
     radius_note = (f"Backbone radius {con.get('radius')}, head radius {con.get('head_radius')}"
                    f"{', groups ' + json.dumps(con.get('groups')) if con.get('groups') else ''}: "
-                   f"{'drawn by mars-dist sweep for this trial' if swept else 'fixed in the config'}.")
+                   f"{'drawn by mars-dist sweep for this trial' if swept else 'fixed in the config'}."
+                   if "project" in actions else
+                   f"No radii: method {con.get('method')} does not project (its layers: {', '.join(actions) or '-'}).")
     charts = [("curves", "Loss, accuracy and learning rate", curves_chart(m, summary)),
               ("layers-over-time", "Per-layer distance to radius over time", layers_over_time_chart(m, order)),
               ("bound", "Bound term C over time", bound_chart(m)),

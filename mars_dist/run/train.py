@@ -177,8 +177,7 @@ class FineTune:
         constraints = self.constrained.constraints
         (self.out / "constraints.json").write_text(json.dumps(
             {"summary": summary(constraints), "skipped_images": self.splits.skipped,
-             "layers": [{"name": c.name, "role": c.role, "action": c.action, "norm": c.norm, "radius": c.radius,
-                         "shape": list(c.shape)} for c in constraints]}, indent=1))
+             "layers": [_layer_record(c) for c in constraints]}, indent=1))
         count = summary(constraints)
         self.accelerator.print(f"{self.sizes[0]} train / {self.sizes[1]} val / {self.sizes[2]} test images, "
                                f"{self.num_classes} classes; {count['count']} constrained tensors "
@@ -282,3 +281,11 @@ class FineTune:
     # ---- finish: test, export, certificate, card --------------------------------------------------------------
     def finish(self) -> dict:
         return finish_run(self)
+
+
+def _layer_record(c) -> dict:
+    """A constrained layer as constraints.json lists it: a radius only where it is projected (a penalty method has a
+    weight, SPD neither: a number there would read as a bound the run never enforced)."""
+    return {"name": c.name, "role": c.role, "action": c.action, "norm": c.norm,
+            "radius": c.radius if c.action == "project" else None,
+            **({"weight": c.weight} if c.action == "penalty" else {}), "shape": list(c.shape)}

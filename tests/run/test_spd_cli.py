@@ -50,6 +50,12 @@ def test_single_process_decays_and_resumes_bit_identical(lite0, tmp_path):
     decayed = _decayed(lite0)
     assert len(decayed) == 6 and sum(decayed) > 20, decayed  # Lite0: 99 tensors; selection is per layer and update
     assert max(decayed) < 99, "every layer at every update: the condition selects nothing"
+    layers = json.loads((lite0 / "constraints.json").read_text())["layers"]
+    assert {layer["action"] for layer in layers} == {"decay"} and all(layer["radius"] is None for layer in layers)
+    from mars_dist.commands.report import write_report  # noqa: PLC0415
+
+    page = write_report(lite0, tmp_path / "report.html").read_text()
+    assert "No radii: method spd does not project" in page and "Backbone radius" not in page
     again = resume_from_middle(lite0, tmp_path, None, ONE)
     assert_same_weights(export_weights(lite0), export_weights(again), atol=0, rtol=0)
 
