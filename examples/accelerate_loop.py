@@ -6,7 +6,8 @@ inside its MARS ball around the pretrained weights (mars_dist.attach). Runs as o
         examples/accelerate_loop.py --radius 0.5 --head-radius 5 --max-steps 4 --output runs/ex --bf16
 
 On a CPU-only machine set DS_ACCELERATOR=cpu for DeepSpeed. Writes OUTPUT/model.safetensors (the fp32 weights, timm
-parameter names) and OUTPUT/metrics.jsonl. The four mars_dist lines are marked `# <- mars_dist`.
+parameter names) and OUTPUT/metrics.jsonl; with --ema DECAY also OUTPUT/model_ema.safetensors (the EMA of the fp32
+weights, inside the same balls). The mars_dist lines are marked `# <- mars_dist`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (DeepSpeed: bf16 weights, fp32 masters)")
     p.add_argument("--bn-eval", action="store_true",
                    help="frozen BatchNorm statistics: results then do not depend on how the batch is split")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="also keep an EMA of the fp32 weights (timm's decay with warm-up) and export it")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
 
@@ -81,6 +84,7 @@ def main() -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     constrained = mars_dist.attach(model, optimizer, method=args.method, radius=args.radius,  # <- mars_dist
                                    head_radius=args.head_radius, accelerator=accelerator, pretrained=pretrained)
+    ema = constrained.ema(args.ema) if args.ema is not None else None  # <- mars_dist (optional): after attach
     accelerator.print(f"mars_dist: {len(constrained.constraints)} layers constrained, projected on the "
                       f"{constrained.backend.name} backend's fp32 weights, {accelerator.num_processes} processes")
 
@@ -111,9 +115,14 @@ def main() -> None:
         epoch += 1
 
     state = constrained.fp32_state_dict()  # every rank (gathers); the fp32 masters, also after bf16 training
+    if ema is not None:
+        with ema.applied():  # every rank: the EMA in the masters inside the block, the trained weights after it
+            averaged = constrained.fp32_state_dict()
     if accelerator.is_main_process:
         log.close()
         save_file({k: v.contiguous() for k, v in state.items()}, str(args.output / "model.safetensors"))
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in averaged.items()}, str(args.output / "model_ema.safetensors"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

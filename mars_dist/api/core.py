@@ -124,7 +124,7 @@ class Constrained:
         self.anchor_checksum = backend.anchor_checksum()  # layout-free: the anchors' identity in checkpoints
         self._optimizer = backend.hook_optimizer()
         setattr(self._optimizer, guards.ATTACHED_ATTR, True)
-        self._accelerator, self._handles = accelerator, []
+        self._accelerator, self._handles, self._emas = accelerator, [], []
         if accelerator is not None:
             from mars_dist.run import learned_radii
 
@@ -188,8 +188,8 @@ class Constrained:
 
     def fp32_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state dict with the fp32 masters (where the bound holds exactly, also after bf16
-        training), keyed as the unwrapped model names them. A collective; complete on every rank, except FSDP2
-        (rank 0)."""
+        training), keyed as the unwrapped model names them: copies, on the CPU. A collective; complete on every
+        rank, except FSDP2 (rank 0)."""
         if self._engine is not None:
             from mars_dist.sharding.precision import deepspeed_fp32_state_dict
 
@@ -201,11 +201,35 @@ class Constrained:
             state = get_model_state_dict(self.module, options=options)
         else:
             state = self.module.state_dict()
-        return {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+        # copies: `.cpu().float()` of a CPU fp32 parameter is the parameter itself, which a later update (or the end
+        # of an `ema.applied()` block) would change under the caller
+        return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True)
+                for k, v in state.items()}
+
+    def ema(self, decay: float, warmup: bool = True):
+        """An exponential moving average of the fp32 master weights of every trainable parameter (and of the floating
+        buffers), updated after each update's projection, on this rank's own fragments (1/N of the fp32 model under
+        ZeRO and FSDP2 with N ranks; what run/ema.py keeps for `mars-dist train --ema`). It starts from the weights
+        as they are now (attach time: the pretrained ones) and follows timm ModelEmaV3's decay (`warmup`: timm's
+        warm-up). Its weights are inside every ball too (the balls are convex; docs/api.md). Use
+        `with ema.applied(): ...` on every rank to evaluate or export it (`fp32_state_dict()` inside the block), and
+        `ema.save(dir)` / `ema.load(dir)` on every rank for checkpoints (one file per rank; another world size is
+        re-cut on load). `detach()` stops it with the projection."""
+        from mars_dist.run.ema import WeightEma
+
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema: decay {decay!r} must be in [0, 1)")
+        ema = WeightEma(self.backend, self.module, decay, warmup)
+        self._emas.append(ema)
+        return ema
 
     def detach(self) -> None:
-        """Remove every hook: later updates are no longer constrained (the weights stay where they are)."""
+        """Remove every hook: later updates are no longer constrained (the weights stay where they are), and no EMA
+        made by `ema()` follows them any more."""
         self.hook.remove()
+        for ema in self._emas:
+            ema.remove()
+        self._emas = []
         setattr(self._optimizer, guards.ATTACHED_ATTR, False)
         getattr(self.backend, "remove", lambda: None)()
         for h in self._handles:

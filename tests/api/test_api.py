@@ -71,6 +71,37 @@ def test_projection_runs_inside_the_step_and_the_stats_say_so():
                                                                                   "fc.weight"]
 
 
+def test_ema_is_the_average_of_the_projected_weights_inside_the_balls():
+    """constrained.ema(): against a float64 statement of timm's EMA (the first update copies, then
+    e <- d e + (1 - d) w) of the weights each update left, read from the model; BatchNorm frozen, so the EMA of its
+    effective scale is the EMA of its weight times a constant."""
+    model, opt = make()
+    model.bn.eval()
+    pre = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    constrained = mars_dist.attach(model, opt, radius=0.01, head_radius=0.5,
+                                   pretrained=mars_dist.capture_pretrained(model))
+    ema, decay = constrained.ema(0.6, warmup=False), 0.6
+    want = dict(pre)
+    for t in range(4):
+        train(model, opt, 1, seed=t)
+        d = 0.0 if t == 0 else decay
+        want = {n: d * want[n] + (1 - d) * p.detach().double() for n, p in model.named_parameters()}
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.applied():
+        got = constrained.fp32_state_dict()
+    for n in want:
+        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-6, atol=1e-7, msg=n)
+    assert not torch.equal(got["conv.weight"], trained["conv.weight"])  # an average, not the last weights
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())  # restored bit for bit
+    assert max_row_distance(got["conv.weight"], pre["conv.weight"]) <= 0.01 * (1 + 1e-5)
+    assert float(got["fc.weight"].abs().sum(1).max()) <= 0.5 * (1 + 1e-5)
+    constrained.detach()
+    train(model, opt, 1, seed=9)
+    assert ema.updates == 4  # detach stopped it with the projection
+    with pytest.raises(ValueError, match="decay 1.0"):
+        mars_dist.attach(*make()).ema(1.0)
+
+
 def test_detach_removes_the_projection():
     model, opt = make()
     w0 = model.conv.weight.detach().clone()

@@ -69,11 +69,11 @@ def runs(tmp_path_factory):
 
 @pytest.mark.dist
 def test_accelerate_loop_zero3_equals_one_process_and_holds_the_bound(runs):
-    small = ("--bn-eval", "--lr", str(SAME_RUN_LR))
+    small = ("--bn-eval", "--lr", str(SAME_RUN_LR), "--ema", "0.5")
     one = runs("acc_one", "accelerate_loop.py", 1, *small)
     zero3 = runs("acc_zero3", "accelerate_loop.py", 2, *small)
-    assert_within_bound(one, RADIUS, HEAD_RADIUS)
-    assert_within_bound(zero3, RADIUS, HEAD_RADIUS)
+    for path in (one, zero3, *(p.with_name("model_ema.safetensors") for p in (one, zero3))):
+        assert_within_bound(path, RADIUS, HEAD_RADIUS)
     for run in (one, zero3):  # the projection clipped rows: the comparison covers it
         logged = [json.loads(line) for line in (run.parent / "metrics.jsonl").read_text().splitlines()]
         assert max(r["constraint/rows_clipped"] for r in logged) > 0, logged
@@ -82,14 +82,20 @@ def test_accelerate_loop_zero3_equals_one_process_and_holds_the_bound(runs):
     worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
     assert worst <= SAME_RUN_ATOL, f"one process vs ZeRO-3 x2: max |difference| {worst:.3g}"
     print(f"one process vs ZeRO-3 x2: max |difference| {worst:.3g}")
+    # the API's EMA (constrained.ema): ZeRO-3's, kept on each rank's fragments, equals one process's
+    ea, eb = (load_file(str(p.with_name("model_ema.safetensors"))) for p in (one, zero3))
+    assert ea.keys() == a.keys() and not torch.equal(ea["conv_stem.weight"], a["conv_stem.weight"])
+    worst = max(float((ea[k].double() - eb[k].double()).abs().max()) for k in ea)
+    assert worst <= SAME_RUN_ATOL, f"EMA, one process vs ZeRO-3 x2: max |difference| {worst:.3g}"
 
 
 @pytest.mark.dist
 def test_accelerate_loop_zero3_bf16_holds_the_bound_on_the_fp32_weights(runs):
-    path = runs("acc_zero3_bf16", "accelerate_loop.py", 2, "--bf16")
+    path = runs("acc_zero3_bf16", "accelerate_loop.py", 2, "--bf16", "--ema", "0.5")
     weights = load_file(str(path))
     assert all(v.dtype == torch.float32 for k, v in weights.items() if k.endswith(".weight"))
     assert_within_bound(path, RADIUS, HEAD_RADIUS)
+    assert_within_bound(path.with_name("model_ema.safetensors"), RADIUS, HEAD_RADIUS)  # the EMA of in-ball weights
 
 
 @pytest.mark.dist
