@@ -4,10 +4,11 @@ ImageNet EfficientNet-Lite0 and real Fashion-MNIST:
 - one process, every knob on: it runs; export/ (the EMA) and export_raw/ (the trained weights) both satisfy the bound
   against the bundled pretrained file, recomputed in float64 by tests/independent_bound.py; the card and summary say
   which is which; stop at update 2 + resume == the uninterrupted run, bit for bit (both exports and the EMA state);
-- 2 processes through the shipped launch configs (cpu = DDP, zero1, zero2, zero3, zero3_init; not fsdp2.yaml:
-  accelerate turns FSDP off on CPU, tests/distributed/test_ema_fsdp2.py drives fully_shard): the EMA export and the
-  raw export equal the one-process run's, element by element (same global batch, fp32). Drop-path, mixup and cutmix are off in these: their draws come from
-  each rank's torch RNG, which no world size can share with one process (RandAugment and random erasing are seeded
+- 2 processes through the shipped launch configs (cpu = DDP, zero1, zero2, zero3, zero3_init, zero3_offload; not
+  fsdp2.yaml: accelerate turns FSDP off on CPU, tests/distributed/test_ema_fsdp2.py drives fully_shard): the EMA
+  export and the raw export equal the one-process run's, element by element (same global batch, fp32). Drop-path,
+  mixup and cutmix are off in these: their draws come from each rank's torch RNG, which no world size can share with
+  one process (RandAugment and random erasing are seeded
   per image and stay on). Under ZeRO-3 the EMA costs ~1/2 of the one-process EMA per rank, and a stop + resume on 2
   processes is bit-identical; a ZeRO-3 checkpoint resumed on one process carries its EMA (re-cut by offsets).
 """
@@ -114,7 +115,7 @@ def test_recipe_every_knob_on_one_process_and_resume(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("launch", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3_init.yaml"])
+@pytest.mark.parametrize("launch", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3_init.yaml", "zero3_offload.yaml"])
 def test_two_processes_equal_one(one_process, tmp_path, launch):
     run = tmp_path / "run"
     run_cli(run, [*SHORT, *TWO, *SAME_DRAWS], launch)
