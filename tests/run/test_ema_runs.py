@@ -8,9 +8,8 @@ ImageNet EfficientNet-Lite0 and real Fashion-MNIST:
   fsdp2.yaml: accelerate turns FSDP off on CPU, tests/distributed/test_ema_fsdp2.py drives fully_shard): the EMA
   export and the raw export equal the one-process run's, element by element (same global batch, fp32). Drop-path,
   mixup and cutmix are off in these: their draws come from each rank's torch RNG, which no world size can share with
-  one process (RandAugment and random erasing are seeded
-  per image and stay on). Under ZeRO-3 the EMA costs ~1/2 of the one-process EMA per rank, and a stop + resume on 2
-  processes is bit-identical; a ZeRO-3 checkpoint resumed on one process carries its EMA (re-cut by offsets).
+  one process (RandAugment and random erasing are seeded per image and stay on). Under ZeRO-3 the EMA costs ~1/2 of
+  the one-process EMA per rank, and a stop + resume on 2 processes is bit-identical; a ZeRO-3 checkpoint resumed on one process carries its EMA (re-cut by offsets).
 """
 
 from __future__ import annotations
