@@ -22,6 +22,12 @@ from mars_dist.models.factory import build_model, classifier_module_names
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND_RTOL = 5e-5  # a clipped row lands within fp32 rounding of its radius
+# DELTA in the launch tests (test_delta_cli.py, the knobs launch): small weights, a small attention measurement, and on
+# Lite0 two early stages (64 channels) instead of the automatic last four (496): the attention measurement is a
+# forward per channel group, the largest cost of these runs (the automatic choice: tests/constraints/test_delta_math.py)
+DELTA_SMALL = ["constraint.method=delta", "constraint.delta.alpha=2e-4", "constraint.delta.beta=0.1",
+               "constraint.delta.attention_samples=4", "constraint.delta.attention_rows=2048"]
+DELTA_LITE0_LAYERS = ["constraint.delta.layers=[blocks.1, blocks.2]"]
 
 
 # Launch ports come from below the kernel's ephemeral range (32768-60999 on Linux; bind(0), gloo's pair sockets and

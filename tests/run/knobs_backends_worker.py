@@ -4,7 +4,7 @@
         OUT HF_DIR BACKEND/CASE [BACKEND/CASE ...]
     python tests/run/knobs_backends_worker.py OUT HF_DIR single/CASE ...          # the one-process reference
 
-BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init) or `single`. Before
+BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init, zero3_offload) or `single`. Before
 each run the worker puts the environment that `accelerate launch --config_file launch/accelerate/BACKEND.yaml` would
 set (computed by accelerate's own launcher code from that file) in place of the previous one and resets accelerate's
 state singleton: the process group stays (the runs' `end_training` is skipped, the launch ends it), the DeepSpeed
@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -31,6 +32,7 @@ from safetensors.torch import save_file  # noqa: E402
 from mars_dist import config  # noqa: E402
 from mars_dist.run.train import FineTune  # noqa: E402
 from mars_dist.sharding.accelerate_setup import full_state_dict  # noqa: E402
+from launch_helpers import DELTA_LITE0_LAYERS, DELTA_SMALL  # noqa: E402
 
 SMALL = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "data.test_limit=10",
          "train.max_steps=3", "constraint.radius=0.05", "constraint.head_radius=1.0", "tracking.wandb_mode=disabled",
@@ -47,11 +49,8 @@ KNOBS = {"det": DETERMINISTIC, "all": ALL,
          "all_nogc": [k for k in ALL if k != "train.grad_checkpointing=true"],
          "ftp": [*DETERMINISTIC, "constraint.method=mars-ftp"],
          "compile": [*DETERMINISTIC[:4], "train.compile=true"],
-         # DELTA (a penalty, no projection): its frozen source model beside the trained one; two early Lite0 stages
-         # (the automatic last four make the attention measurement, a forward per channel group, the largest cost)
-         "delta": [*DETERMINISTIC, "constraint.method=delta", "constraint.delta.alpha=2e-4",
-                   "constraint.delta.beta=0.1", "constraint.delta.attention_samples=4",
-                   "constraint.delta.attention_rows=2048", "constraint.delta.layers=[blocks.1, blocks.2]"],
+         # DELTA (a penalty, no projection): its frozen source model beside the trained one, as test_delta_cli.py runs it
+         "delta": [*DETERMINISTIC, *DELTA_SMALL, *DELTA_LITE0_LAYERS],
          "eager": DETERMINISTIC[:4]}
 LAUNCH_KEYS = ("ACCELERATE_USE_", "ACCELERATE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "FSDP_", "ACCELERATE_DYNAMO")
 

@@ -10,7 +10,8 @@ import json
 import pytest
 import torch
 
-from launch_helpers import assert_same_weights, export_weights, resume_from_middle, run_cli
+from launch_helpers import (DELTA_LITE0_LAYERS, DELTA_SMALL, assert_same_weights, export_weights, resume_from_middle,
+                            run_cli)
 from mars_dist.run import checkpoint as ckpt
 from test_core_configs import write_hf_model
 
@@ -18,8 +19,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 SMALL = ["data.image_size=32", "data.train_per_class=4", "data.val_per_class=1", "data.test_limit=20",
          "train.max_steps=3", "train.bn_mode=eval", "train.optimizer=sgd", "train.lr=0.02", "train.grad_accum=2",
-         "tracking.wandb_mode=disabled", "constraint.method=delta", "constraint.delta.alpha=2e-4",
-         "constraint.delta.beta=0.1", "constraint.delta.attention_samples=4", "constraint.delta.attention_rows=2048"]
+         "tracking.wandb_mode=disabled", *DELTA_SMALL]
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,7 @@ def models(tmp_path_factory):
     """Per model: its overrides and its one-process run (micro-batch 8 = 2 processes x 4), checkpointed at 2."""
     root = tmp_path_factory.mktemp("delta")
     out = {}
-    # Lite0: two early stages (64 channels) instead of the automatic last four (496): the attention measurement is a
-    # forward per channel group, the largest cost of these runs (the automatic choice: test_delta_math.py)
-    lite0 = ["constraint.delta.layers=[blocks.1, blocks.2]"]
-    for kind, model in (("lite0", lite0), ("vit", write_hf_model(root / "vit", "vit"))):
+    for kind, model in (("lite0", DELTA_LITE0_LAYERS), ("vit", write_hf_model(root / "vit", "vit"))):
         single = root / f"{kind}_single"
         run_cli(single, SMALL + model + ["train.batch_size=8", "checkpoint.every_steps=2", "checkpoint.keep_last=5"])
         out[kind] = (model, single)
