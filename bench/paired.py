@@ -129,7 +129,8 @@ def write_outputs(saved: dict, res: Path, report: Path, root: Path) -> None:
         w = csv.writer(f)
         w.writerow(keys)
         for r in saved["runs"]:
-            w.writerow([json.dumps(r[k]) if k == "params" else r[k] for k in keys])
+            # a post-hoc row (wise-ft) has no per-epoch validation: no best_val_epoch
+            w.writerow([json.dumps(r.get(k)) if k == "params" else r.get(k, "") for k in keys])
     notes = saved["row_notes"]
     order = list(notes) + [m for m in dict.fromkeys(r["method"] for r in saved["runs"]) if m not in notes]
     table = summarise(saved["runs"], saved["tuning"], order)

@@ -29,3 +29,25 @@ def test_paired_interval_uses_only_common_seeds_and_the_differences():
     # pairing matters: the unpaired spread of either method is far wider than this interval
     assert got["hi"] - got["lo"] < statistics.stdev(base.values())
     assert paired_ci({0: 0.5}, {0: 0.4}) is None
+
+
+def test_outputs_take_a_post_hoc_row_without_per_epoch_validation(tmp_path):
+    """A wise-ft record (no val_curve / best_val_epoch: it is not a training run) beside the stored training runs:
+    the csv, the plot and the table are written (the first wise-ft record once stopped the bench with a KeyError)."""
+    import csv
+    import json
+
+    from bench.paired import write_outputs
+
+    root = Path(__file__).resolve().parents[2]
+    saved = json.loads((root / "bench/results/overfit/results.json").read_text())
+    runs = [r for r in saved["runs"] if r["method"] == "none"]
+    wise = [{**{k: v for k, v in r.items() if k not in ("val_curve", "best_val_epoch")}, "method": "wise-ft",
+             "alpha": 0.7, "test_accuracy": r["test_accuracy"] + 0.01} for r in runs]
+    saved = {**saved, "runs": runs + wise, "problems": []}
+    report = tmp_path / "results.md"
+    write_outputs(saved, tmp_path, report, root)
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == len(runs) + len(wise) and {r["best_val_epoch"] for r in rows if r["method"] == "wise-ft"} == {""}
+    table = report.read_text()
+    assert "| wise-ft |" in table and (tmp_path / "diffs.png").stat().st_size > 0
