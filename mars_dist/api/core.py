@@ -198,13 +198,12 @@ class Constrained:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            state = get_model_state_dict(self.module, options=options)
-        else:
-            state = self.module.state_dict()
+            state = get_model_state_dict(self.module, options=options)  # gathered: fresh CPU tensors already
+            return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
         # copies: `.cpu().float()` of a CPU fp32 parameter is the parameter itself, which a later update (or the end
         # of an `ema.applied()` block) would change under the caller
         return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype, copy=True)
-                for k, v in state.items()}
+                for k, v in self.module.state_dict().items()}
 
     def ema(self, decay: float, warmup: bool = True):
         """An exponential moving average of the fp32 master weights of every trainable parameter (and of the floating

@@ -192,7 +192,7 @@ def build_ema(cfg, constrained, say=print) -> WeightEma | None:
     pretrained weights: the EMA starts there)."""
     if cfg.ema.decay is None:
         return None
-    ema = WeightEma(constrained.backend, constrained.module, cfg.ema.decay, cfg.ema.warmup)
+    ema = constrained.ema(cfg.ema.decay, cfg.ema.warmup)  # the API's path: one way to build it
     say(f"ema: decay {cfg.ema.decay}{' with warm-up' if cfg.ema.warmup else ''} on this rank's fp32 master "
         f"fragments: {ema.bytes_per_rank() / 2**20:.2f} MiB per rank")
     return ema
