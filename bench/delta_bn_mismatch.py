@@ -64,7 +64,8 @@ def main() -> None:
             out["cross_entropy"] = float(F.cross_entropy(logits, y))
     print(json.dumps({"dataset": a.dataset, "image_size": a.image_size, "batch": a.batch,
                       "attention": a.attention or "uniform", "delta_term_alpha1_bn_eval": out["eval"],
-                      "delta_term_alpha1_bn_train": out["train"], "cross_entropy_untrained_head": out["cross_entropy"]}))
+                      "delta_term_alpha1_bn_train": out["train"],
+                      "cross_entropy_untrained_head": out["cross_entropy"]}))
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_outputs_take_a_post_hoc_row_without_per_epoch_validation(tmp_path):
     report = tmp_path / "results.md"
     write_outputs(saved, tmp_path, report, root)
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) == len(runs) + len(wise) and {r["best_val_epoch"] for r in rows if r["method"] == "wise-ft"} == {""}
+    assert len(rows) == len(runs) + len(wise)
+    assert {r["best_val_epoch"] for r in rows if r["method"] == "wise-ft"} == {""}
     table = report.read_text()
     assert "| wise-ft |" in table and (tmp_path / "diffs.png").stat().st_size > 0

@@ -4,11 +4,12 @@
         OUT HF_DIR BACKEND/CASE [BACKEND/CASE ...]
     python tests/run/knobs_backends_worker.py OUT HF_DIR single/CASE ...          # the one-process reference
 
-BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init, zero3_offload) or `single`. Before
-each run the worker puts the environment that `accelerate launch --config_file launch/accelerate/BACKEND.yaml` would
-set (computed by accelerate's own launcher code from that file) in place of the previous one and resets accelerate's
-state singleton: the process group stays (the runs' `end_training` is skipped, the launch ends it), the DeepSpeed
-plugin and the engine are built anew by the trainer (test-only: accelerate's launcher internals
+BACKEND is a shipped launch config's name (cpu = DDP, zero1, zero2, zero3, zero3_init, zero3_offload) or `single`.
+Before each run the worker puts the environment that `accelerate launch --config_file
+launch/accelerate/BACKEND.yaml` would set (computed by accelerate's own launcher code from that file) in place of the
+previous one and resets accelerate's state singleton: the process group stays (the runs' `end_training` is skipped,
+the launch ends it), the DeepSpeed plugin and the engine are built anew by the trainer (test-only: accelerate's
+launcher internals
 `_validate_launch_command` / `prepare_*_env` give the environment). CASE picks a model (timm: the bundled
 EfficientNet-Lite0, BatchNorm; hf: a tiny HF BEiT, LayerNorm, from HF_DIR) and knobs (KNOBS below). The run is the
 trainer's own (`FineTune`'s phases); the one test-only addition: after every update rank 0 writes the whole fp32
@@ -49,7 +50,7 @@ KNOBS = {"det": DETERMINISTIC, "all": ALL,
          "all_nogc": [k for k in ALL if k != "train.grad_checkpointing=true"],
          "ftp": [*DETERMINISTIC, "constraint.method=mars-ftp"],
          "compile": [*DETERMINISTIC[:4], "train.compile=true"],
-         # DELTA (a penalty, no projection): its frozen source model beside the trained one, as test_delta_cli.py runs it
+         # DELTA (a penalty, no projection): its frozen source beside the trained model, as test_delta_cli.py runs it
          "delta": [*DETERMINISTIC, *DELTA_SMALL, *DELTA_LITE0_LAYERS],
          "eager": DETERMINISTIC[:4]}
 LAUNCH_KEYS = ("ACCELERATE_USE_", "ACCELERATE_DEEPSPEED", "ACCELERATE_CONFIG_DS_FIELDS", "FSDP_", "ACCELERATE_DYNAMO")

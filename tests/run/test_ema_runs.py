@@ -9,7 +9,8 @@ ImageNet EfficientNet-Lite0 and real Fashion-MNIST:
   export and the raw export equal the one-process run's, element by element (same global batch, fp32). Drop-path,
   mixup and cutmix are off in these: their draws come from each rank's torch RNG, which no world size can share with
   one process (RandAugment and random erasing are seeded per image and stay on). Under ZeRO-3 the EMA costs ~1/2 of
-  the one-process EMA per rank, and a stop + resume on 2 processes is bit-identical; a ZeRO-3 checkpoint resumed on one process carries its EMA (re-cut by offsets).
+  the one-process EMA per rank, and a stop + resume on 2 processes is bit-identical; a ZeRO-3 checkpoint resumed on
+  one process carries its EMA (re-cut by offsets).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def test_recipe_every_knob_on_one_process_and_resume(tmp_path):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("launch", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3_init.yaml", "zero3_offload.yaml"])
+@pytest.mark.parametrize("launch", ["cpu.yaml", "zero1.yaml", "zero2.yaml", "zero3_init.yaml",
+                                    "zero3_offload.yaml"])
 def test_two_processes_equal_one(one_process, tmp_path, launch):
     run = tmp_path / "run"
     run_cli(run, [*SHORT, *TWO, *SAME_DRAWS], launch)

@@ -12,9 +12,9 @@ What is compared, element by element, and why:
   8 vs 2 x 4).
 - drop-path and mixup / cutmix draw per rank: 2 processes x 4 images cannot equal one process x 8 (other pairs are
   mixed, other masks drawn). Instead every backend is compared with DDP on 2 processes, where each rank makes the same
-  draws: ZeRO-1/2/3 and ZeRO-3 with the optimizer offloaded == DDP. Not zero.Init: building the model partitioned consumes the torch RNG
-  differently (its random init runs on partitions), so its drop-path masks differ; it is compared on the
-  deterministic knobs instead, and its bound is checked after every update.
+  draws: ZeRO-1/2/3 and ZeRO-3 with the optimizer offloaded == DDP. Not zero.Init: building the model partitioned
+  consumes the torch RNG differently (its random init runs on partitions), so its drop-path masks differ; it is
+  compared on the deterministic knobs instead, and its bound is checked after every update.
 - activation checkpointing under ZeRO-3 and zero.Init: with it == without it, bit for bit, every update. SGD, so the
   first update is W0 - lr * g (+ weight decay): the same weights mean the same gradients; recomputation restores the
   RNG, so drop-path draws the same masks.
