@@ -95,3 +95,17 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
         train(cfg)
     last = ckpt.latest_checkpoint(tmp_path)
     assert last is not None and ckpt.read_state(last)["step"] >= 1
+
+
+def test_constraints_json_states_a_radius_only_for_projected_layers():
+    """A penalty layer lists its weight, a decayed (SPD) or measured-only layer neither: a number under `radius`
+    would read as a bound the run never enforced."""
+    from mars_dist.constraints import Constraint
+    from mars_dist.run.train import _layer_record
+
+    rows = {action: _layer_record(Constraint("conv.weight", (4, 3), "matrix", action, radius=0.1, weight=0.01))
+            for action in ("project", "penalty", "decay", "none")}
+    assert rows["project"]["radius"] == 0.1 and "weight" not in rows["project"]
+    assert rows["penalty"]["radius"] is None and rows["penalty"]["weight"] == 0.01
+    assert all(rows[a]["radius"] is None and "weight" not in rows[a] for a in ("decay", "none"))
+    assert rows["project"]["shape"] == [4, 3] and rows["decay"]["action"] == "decay"
